@@ -1,0 +1,25 @@
+"""fusion: a multi-encoder vision tower (CLIP, SigLIP, SAM, DINOv2) for vision-language models.
+
+    tower = fusion.build_tower("vsre")            # or "tiny", a .yaml path, a dict
+    tokens = tower(tower.image_processor(images)["pixel_values"])   # [B, N, D]
+"""
+from .config import TowerConfig, list_presets, load_config
+from .encoders.base import Encoder
+from .encoders.registry import list_encoders, register_encoder
+from .preprocess import ImageProcessor
+from .tower import MultiEncoderTower, TowerOutput, build_tower
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Encoder",
+    "ImageProcessor",
+    "MultiEncoderTower",
+    "TowerConfig",
+    "TowerOutput",
+    "build_tower",
+    "list_encoders",
+    "list_presets",
+    "load_config",
+    "register_encoder",
+]

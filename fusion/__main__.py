@@ -1,0 +1,6 @@
+"""``python -m fusion`` is the ``fusion-tower`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

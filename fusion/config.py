@@ -1,0 +1,371 @@
+"""Typed tower configuration: schema, presets, loading, dotted overrides, validation.
+
+A config is loaded from a preset name (``fusion/configs/<name>.yaml``), a ``.yaml`` /
+``.yml`` / ``.json`` path, a plain dict, or a :class:`TowerConfig`, then dotted
+overrides are applied (``"fusion.grid=16"``, ``"encoders.sam=null"`` drops SAM,
+``"encoders.clip.layer=-1"``). Every error is a ``ValueError`` (or ``TypeError`` for a
+wrong Python type passed to a function) naming the dotted key, the value given and
+what is accepted; a typo'd key gets the closest valid key suggested.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import yaml
+
+PRESET_DIR = Path(__file__).with_name("configs")
+
+DTYPES = ("float32", "float16", "bfloat16")
+RESAMPLE_MODES = ("area", "bilinear")
+NORMS = ("layernorm", "none")
+COMBINES = ("channel_concat", "sequence_concat")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+PROJECTORS = ("none", "linear", "mlp2x_gelu")
+PROCESSOR_MODES = ("pad", "squash", "crop")
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclass
+class EncoderConfig:
+    """One encoder. ``name`` is its key under ``encoders:`` (and its place in channel order)."""
+
+    name: str
+    type: str
+    model: str
+    pretrained: Optional[str] = None
+    layer: int = -1
+    image_size: Optional[int] = None
+    freeze: bool = True
+    dtype: Optional[str] = None
+    arch: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FusionConfig:
+    """How the encoder grids become one token sequence."""
+
+    grid: int = 24
+    resample: str = "area"
+    norm: str = "layernorm"
+    combine: str = "channel_concat"
+    width: Optional[int] = None
+    kernels: str = "auto"
+    eps: float = 1e-5
+
+
+@dataclass
+class ProjectorConfig:
+    """Maps fused tokens to the language model's width (``out_dim``)."""
+
+    type: str = "mlp2x_gelu"
+    out_dim: Optional[int] = None
+
+
+@dataclass
+class ProcessorConfig:
+    """Host-side image processing: every image becomes ``[3, size, size]`` in [0, 1].
+
+    ``size`` null means the largest encoder input size. ``mode``: ``pad`` (pad to a
+    square with the mean colour, then resize: LLaVA-1.5), ``squash`` (resize, aspect
+    ignored) or ``crop`` (resize the short side, centre crop).
+    """
+
+    size: Optional[int] = None
+    mode: str = "pad"
+
+
+@dataclass
+class TowerConfig:
+    encoders: Dict[str, EncoderConfig]
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    processor: ProcessorConfig = field(default_factory=ProcessorConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A plain dict that :func:`load_config` turns back into an equal config."""
+        out: Dict[str, Any] = {"encoders": {}}
+        for name, enc in self.encoders.items():
+            d = dataclasses.asdict(enc)
+            d.pop("name")
+            out["encoders"][name] = d
+        out["fusion"] = dataclasses.asdict(self.fusion)
+        out["projector"] = dataclasses.asdict(self.projector)
+        out["processor"] = dataclasses.asdict(self.processor)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def list_presets() -> List[str]:
+    """Names of the shipped presets (``fusion/configs/*.yaml``)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+ConfigSource = Union[str, os.PathLike, Mapping[str, Any], TowerConfig]
+Overrides = Union[None, Sequence[str], Mapping[str, Any]]
+
+
+def load_config(source: ConfigSource, overrides: Overrides = None) -> TowerConfig:
+    """Load and validate a config from a preset name, a file, a dict or a config object."""
+    raw = _load_raw(source)
+    for key, value in _parse_overrides(overrides):
+        _apply_override(raw, key, value)
+    return parse_config(raw)
+
+
+def _load_raw(source: ConfigSource) -> Dict[str, Any]:
+    if isinstance(source, TowerConfig):
+        return source.to_dict()
+    if isinstance(source, Mapping):
+        return copy.deepcopy(dict(source))
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"source: expected a preset name, a .yaml/.json path, a dict or a TowerConfig, "
+            f"got {type(source).__name__}"
+        )
+    text = os.fspath(source)
+    path = Path(text)
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        return _read_file(path)
+    if text in list_presets():
+        return _read_file(PRESET_DIR / f"{text}.yaml")
+    close = difflib.get_close_matches(text, list_presets(), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(
+        f"source: {text!r} is neither a preset{hint} nor a .yaml/.yml/.json file; "
+        f"presets are {list_presets()}"
+    )
+
+
+def _read_file(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"source: config file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"source: cannot read config file {str(path)!r}: {err}") from err
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise ValueError(f"source: {str(path)!r} is not valid {path.suffix[1:].upper()}: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"source: {str(path)!r} must hold a mapping at the top, got {type(data).__name__}")
+    return data
+
+
+def _parse_overrides(overrides: Overrides) -> List[Tuple[str, Any]]:
+    if overrides is None:
+        return []
+    if isinstance(overrides, Mapping):
+        return [(str(k), v) for k, v in overrides.items()]
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    out = []
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ValueError(f"overrides: expected 'dotted.key=value' strings, got {item!r}")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ValueError(f"overrides: cannot parse the value of {key!r}: {text!r} ({err})") from err
+        out.append((key.strip(), value))
+    return out
+
+
+def _apply_override(raw: Dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if not all(parts):
+        raise ValueError(f"overrides: {key!r} is not a dotted key like 'fusion.grid'")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ValueError(f"overrides: {key!r}: {where!r} holds {child!r}, not a mapping")
+        node = child
+    last = parts[-1]
+    if value is None and len(parts) == 2 and parts[0] == "encoders":
+        if last not in node:
+            raise ValueError(f"overrides: {key}=null drops an encoder, but there is no encoder {last!r}; "
+                             f"encoders are {list(node)}")
+        del node[last]
+        return
+    node[last] = value
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def parse_config(raw: Mapping[str, Any]) -> TowerConfig:
+    """Validate a plain dict (the YAML shape) into a :class:`TowerConfig`."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"config: expected a mapping, got {type(raw).__name__}")
+    _check_keys(raw, ("encoders", "fusion", "projector", "processor"), "")
+    encoders_raw = raw.get("encoders")
+    if not isinstance(encoders_raw, Mapping) or not encoders_raw:
+        raise ValueError(f"encoders: expected a non-empty mapping of name -> encoder config, got {encoders_raw!r}")
+    encoders = {}
+    for name, enc in encoders_raw.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"encoders: encoder names must be identifiers (letters, digits, _), got {name!r}")
+        encoders[name] = _parse_encoder(name, enc)
+    fusion = _parse_section(FusionConfig, raw.get("fusion"), "fusion", _FUSION_CHECKS)
+    projector = _parse_section(ProjectorConfig, raw.get("projector"), "projector", _PROJECTOR_CHECKS)
+    processor = _parse_section(ProcessorConfig, raw.get("processor"), "processor", _PROCESSOR_CHECKS)
+    if projector.type != "none" and projector.out_dim is None:
+        raise ValueError(f"projector.out_dim: projector.type {projector.type!r} needs an output width "
+                         f"(a positive int); got null")
+    return TowerConfig(encoders=encoders, fusion=fusion, projector=projector, processor=processor)
+
+
+def _parse_encoder(name: str, raw: Any) -> EncoderConfig:
+    prefix = f"encoders.{name}"
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{prefix}: expected a mapping with at least 'type' and 'model', got {raw!r}")
+    for required in ("type", "model"):
+        if required not in raw:
+            raise ValueError(f"{prefix}.{required}: missing (every encoder needs 'type' and 'model')")
+    from .encoders.registry import get_encoder_class
+
+    get_encoder_class(_str(raw["type"], f"{prefix}.type"), key=f"{prefix}.type")
+    return _parse_section(EncoderConfig, {"name": name, **raw}, prefix, _ENCODER_CHECKS, hidden=("name",))
+
+
+def _parse_section(cls, raw: Any, prefix: str, checks: Mapping[str, Any], hidden: Iterable[str] = ()):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{prefix}: expected a mapping, got {raw!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    _check_keys(raw, [n for n in names if n not in hidden], prefix, extra_ok=hidden)
+    values = {}
+    for name in names:
+        if name in raw:
+            values[name] = checks[name](raw[name], f"{prefix}.{name}") if name in checks else raw[name]
+    return cls(**values)
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: Sequence[str], prefix: str, extra_ok: Iterable[str] = ()) -> None:
+    for key in raw:
+        if key in allowed or key in extra_ok:
+            continue
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        close = difflib.get_close_matches(str(key), list(allowed), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{dotted}: unknown key{hint}; valid keys here are {list(allowed)}")
+
+
+# Each check takes (value, dotted_key) and returns the validated value.
+
+
+def _str(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _choice(choices: Sequence[str], optional: bool = False):
+    def check(value: Any, key: str):
+        if value is None and optional:
+            return None
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), list(choices), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{key}: got {value!r}{hint}; accepted values are {list(choices)}"
+                             + (" or null" if optional else ""))
+        return value
+
+    return check
+
+
+def _int(minimum: Optional[int] = None, maximum: Optional[int] = None, optional: bool = False):
+    def check(value: Any, key: str):
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected an integer, got {value!r} ({type(value).__name__})")
+        if minimum is not None and value < minimum:
+            raise ValueError(f"{key}: got {value}; must be >= {minimum}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"{key}: got {value}; must be <= {maximum}")
+        return value
+
+    return check
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _positive_float(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{key}: expected a positive number, got {value!r}")
+    return float(value)
+
+
+def _optional_str(value: Any, key: str) -> Optional[str]:
+    return None if value is None else _str(value, key)
+
+
+def _layer(value: Any, key: str) -> int:
+    value = _int()(value, key)
+    if value == 0:
+        raise ValueError(f"{key}: got 0; use -k for the k-th block from the end (-1 is the last) "
+                         f"or k >= 1 for the k-th block from the start")
+    return value
+
+
+def _arch(value: Any, key: str) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{key}: expected a mapping of upstream constructor arguments, got {value!r}")
+    return dict(value)
+
+
+_ENCODER_CHECKS = {
+    "name": _str,
+    "type": _str,
+    "model": _str,
+    "pretrained": _optional_str,
+    "layer": _layer,
+    "image_size": _int(minimum=1, optional=True),
+    "freeze": _bool,
+    "dtype": _choice(DTYPES, optional=True),
+    "arch": _arch,
+}
+_FUSION_CHECKS = {
+    "grid": _int(minimum=1),
+    "resample": _choice(RESAMPLE_MODES),
+    "norm": _choice(NORMS),
+    "combine": _choice(COMBINES),
+    "width": _int(minimum=1, optional=True),
+    "kernels": _choice(KERNEL_BACKENDS),
+    "eps": _positive_float,
+}
+_PROJECTOR_CHECKS = {
+    "type": _choice(PROJECTORS),
+    "out_dim": _int(minimum=1, optional=True),
+}
+_PROCESSOR_CHECKS = {
+    "size": _int(minimum=1, optional=True),
+    "mode": _choice(PROCESSOR_MODES),
+}

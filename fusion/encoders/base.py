@@ -1,0 +1,70 @@
+"""The encoder contract every adapter implements.
+
+An adapter wraps an upstream library's own model (open_clip, segment_anything, timm);
+it never re-implements a network. The tower resizes and normalises ``pixel_values``
+on the device according to the attributes below, then calls :meth:`Encoder.forward`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..config import EncoderConfig
+
+
+class Encoder(nn.Module):
+    """Base class of all encoder adapters.
+
+    Subclasses set, in ``__init__``:
+
+    - ``image_size`` (int): the square input side the encoder takes.
+    - ``patch_size`` (int): pixels per token side (SAM: 16).
+    - ``grid`` ((h, w)): the token grid :meth:`forward` returns.
+    - ``dim`` (int): channels of each token.
+    - ``mean`` / ``std`` (3-tuples): normalisation on pixels in [0, 1].
+    - ``resize`` (str): ``"squash"`` (resize to ``image_size``², aspect ignored) or
+      ``"longest_side_pad"`` (SAM: resize the longest side, pad bottom/right with zeros
+      after normalisation).
+    - ``interpolation`` (str): ``"bicubic"`` or ``"bilinear"``, what the upstream
+      transform uses.
+    - ``model`` (nn.Module): the upstream model (or the part that is used).
+
+    ``forward(pixels)`` takes normalised pixels ``[B, 3, image_size, image_size]`` and
+    returns ``[B, h, w, C]``: prefix tokens (CLS, registers) removed, the configured
+    layer selected through the upstream's public API.
+    """
+
+    encoder_type: str = ""
+    image_size: int
+    patch_size: int
+    grid: Tuple[int, int]
+    dim: int
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    resize: str = "squash"
+    interpolation: str = "bicubic"
+
+    def __init__(self, cfg: EncoderConfig, load_weights: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.name = cfg.name
+
+    @property
+    def layer(self) -> Optional[int]:
+        return self.cfg.layer
+
+    @property
+    def frozen(self) -> bool:
+        return self.cfg.freeze
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def upstream_name(self) -> str:
+        """The upstream library and model name, for ``fusion-tower info``."""
+        return f"{type(self).__name__}:{self.cfg.model}"
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise TypeError(f"{type(self).__name__} must implement forward(pixels) -> [B, h, w, C]")

@@ -1,0 +1,290 @@
+"""Where an encoder's weights come from, strict loading, and the setup every adapter shares.
+
+``encoders.<name>.pretrained`` is one of:
+
+- ``null``: random initialisation (the tower seeds the RNG);
+- a local file: ``.safetensors`` (read with safetensors) or ``.pt`` / ``.pth`` / ``.bin``
+  (read with ``torch.load(weights_only=False)``, which refuses pickles that would run
+  code), holding the state dict in the format the upstream library's own loader takes;
+- an upstream tag (open_clip ``openai``, timm ``lvd142m``, ...): fetched through the
+  upstream library's own download cache.
+
+Loading is strict: :func:`load_strict` raises a ``ValueError`` listing missing keys,
+unexpected keys and shape mismatches, naming the config key.
+
+The second half holds the small pieces every adapter needs: layer-index resolution,
+``arch``-key checks, unknown-model errors, and the final dtype cast / freeze.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..config import EncoderConfig
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# Training checkpoints often wrap the weights; both open_clip's and timm's loaders unwrap these.
+WRAPPER_KEYS = ("state_dict", "model")
+# How many offending keys an error message shows before it only gives the count.
+SHOWN_KEYS = 5
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """What ``pretrained`` resolved to.
+
+    ``kind`` is ``"none"`` (random init), ``"tag"`` (an upstream tag) or ``"file"`` (a
+    local path, ``~`` expanded). ``load`` is False when the encoder was built with
+    ``load_weights=False``: the adapter then never reads or downloads anything, but it
+    may still use a tag's metadata (mean/std, activation) so the architecture matches
+    the weights that will be loaded later.
+    """
+
+    kind: str
+    value: Optional[str]
+    key: str
+    load: bool
+
+    @property
+    def load_file(self) -> bool:
+        return self.load and self.kind == "file"
+
+    @property
+    def load_tag(self) -> bool:
+        return self.load and self.kind == "tag"
+
+
+def resolve_pretrained(
+    cfg: EncoderConfig,
+    tags: Sequence[str],
+    load_weights: bool,
+    library: str,
+    tag_help: str = "",
+) -> WeightSource:
+    """Decide what ``cfg.pretrained`` means for an adapter whose upstream knows ``tags``.
+
+    ``library`` names the upstream in messages; ``tag_help`` is appended to the error for
+    an unknown value (e.g. where SAM checkpoints are published).
+    """
+    key = f"encoders.{cfg.name}.pretrained"
+    value = cfg.pretrained
+    if value is None:
+        return WeightSource("none", None, key, load_weights)
+    if value in tags:
+        return WeightSource("tag", value, key, load_weights)
+    path = os.path.expanduser(value)
+    if not load_weights:
+        return WeightSource("file", path, key, False)
+    if os.path.isfile(path):
+        _check_suffix(path, key)
+        return WeightSource("file", path, key, True)
+    if _looks_like_path(value):
+        raise ValueError(f"{key}: the file {value!r} does not exist; give an existing "
+                         f"{'/'.join(CHECKPOINT_SUFFIXES)} file, a {library} tag, or null")
+    close = difflib.get_close_matches(value, list(tags), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    known = f"{library} tags for {cfg.model!r} are {list(tags)}" if tags else f"{library} has no tags for {cfg.model!r}"
+    raise ValueError(f"{key}: {value!r} is neither a known tag{hint} nor an existing file; {known}. "
+                     f"A local {'/'.join(CHECKPOINT_SUFFIXES)} file or null (random init) also work."
+                     + (f" {tag_help}" if tag_help else ""))
+
+
+def _looks_like_path(value: str) -> bool:
+    return (os.sep in value or "/" in value or value.startswith(("~", "."))
+            or value.lower().endswith(CHECKPOINT_SUFFIXES))
+
+
+def _check_suffix(path: str, key: str) -> None:
+    if not path.lower().endswith(CHECKPOINT_SUFFIXES):
+        raise ValueError(f"{key}: {path!r} has an unsupported extension; accepted are "
+                         f"{list(CHECKPOINT_SUFFIXES)} (.safetensors, or a torch.save'd state dict)")
+
+
+def fetch_failure(key: str, library: str, source: str, err: BaseException, file_format: str) -> RuntimeError:
+    """The error for a tag that the upstream's download cache could not deliver (or load)."""
+    return RuntimeError(
+        f"{key}: loading {source} through {library}'s own download cache failed "
+        f"({type(err).__name__}: {err}). If this machine is offline, download the checkpoint "
+        f"elsewhere and set {key} to the local file ({'/'.join(CHECKPOINT_SUFFIXES)}) holding "
+        f"{file_format}; if the download worked, check that encoders.<name>.arch fits those weights."
+    )
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_checkpoint(path: str, key: str) -> Dict[str, torch.Tensor]:
+    """Read a local checkpoint into a flat ``{name: tensor}`` dict on the CPU.
+
+    ``.safetensors`` goes through safetensors; ``.pt/.pth/.bin`` through
+    ``torch.load(weights_only=True)``. A top-level ``state_dict`` / ``model`` wrapper
+    is unwrapped and a DDP ``module.`` prefix (on every key) stripped. Anything else
+    than a dict of tensors is a ``ValueError`` naming ``key``.
+    """
+    _check_suffix(path, key)
+    if not os.path.isfile(path):
+        raise ValueError(f"{key}: the file {path!r} does not exist")
+    if path.lower().endswith(".safetensors"):
+        obj = _read_safetensors(path, key)
+    else:
+        obj = _read_torch(path, key)
+    return _as_state_dict(obj, path, key)
+
+
+def _read_safetensors(path: str, key: str) -> Any:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except Exception as err:  # safetensors raises its own SafetensorError, or OSError
+        raise ValueError(f"{key}: {path!r} is not a readable .safetensors file ({type(err).__name__}: {err})") from err
+
+
+def _read_torch(path: str, key: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "global" not in str(err).lower():  # not a refused import: the bytes are not a pickle at all
+            raise ValueError(f"{key}: {path!r} is not a readable torch checkpoint "
+                             f"(UnpicklingError: {_gist(err)})") from err
+        raise ValueError(
+            f"{key}: torch.load(weights_only=True) refused {path!r}: it holds Python objects other "
+            f"than tensors and plain containers (a pickle like that can run code when loaded). "
+            f"Save only the state dict (torch.save(model.state_dict(), ...)) or use .safetensors. "
+            f"Details: {err}"
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{key}: {path!r} is not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+
+
+def _gist(err: BaseException) -> str:
+    """The informative line of torch's long unpickling message."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(err).__name__)
+
+
+def _as_state_dict(obj: Any, path: str, key: str) -> Dict[str, torch.Tensor]:
+    for wrapper in WRAPPER_KEYS:
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{key}: {path!r} holds a {type(obj).__name__}, not a state dict "
+                         f"(a mapping of parameter names to tensors)")
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items()
+           if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{key}: {path!r} is not a state dict of tensors: {len(bad)} entries are not "
+                         f"name -> tensor, e.g. {', '.join(bad[:SHOWN_KEYS])}")
+    state = dict(obj)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def take_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """The entries under ``prefix`` (``"visual."``, ``"image_encoder."``) with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+# ----------------------------------------------------------------------------- strict loading
+
+
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], key: str, path: str, expected: str) -> None:
+    """Load ``state`` into ``module``; any missing/unexpected key or shape mismatch is a ValueError.
+
+    ``expected`` says what the file should hold (e.g. "the full open_clip state dict of
+    ViT-B-16"), for the message.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k!r}: file {list(state[k].shape)} vs model {list(v.shape)}"
+                  for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(_listing("missing key", missing))
+        if unexpected:
+            parts.append(_listing("unexpected key", unexpected))
+        if mismatched:
+            parts.append(_listing("shape mismatch", mismatched, quote=False))
+        raise ValueError(f"{key}: {path!r} does not fit the model: {'; '.join(parts)}. "
+                         f"The file should hold {expected}.")
+    module.load_state_dict(dict(state), strict=True)
+
+
+def _listing(what: str, items: List[str], quote: bool = True) -> str:
+    shown = [repr(i) if quote else i for i in items[:SHOWN_KEYS]]
+    more = f", ... ({len(items) - SHOWN_KEYS} more)" if len(items) > SHOWN_KEYS else ""
+    plural = "s" if len(items) != 1 else ""
+    return f"{len(items)} {what}{plural} ({', '.join(shown)}{more})"
+
+
+# ----------------------------------------------------------------------------- adapter setup
+
+
+def block_index(layer: int, depth: int, key: str) -> int:
+    """0-based index of the block whose output ``layer`` selects.
+
+    ``-k`` is the k-th block from the end (-1: the last block's output, before any final
+    norm: LLaVA's ``mm_vision_select_layer``); ``k >= 1`` the k-th block from the start.
+    """
+    if -depth <= layer <= -1:
+        return depth + layer
+    if 1 <= layer <= depth:
+        return layer - 1
+    raise ValueError(f"{key}: got {layer}, but the model has {depth} blocks; use -1..-{depth} "
+                     f"(from the end, -1 = last block output) or 1..{depth} (from the start)")
+
+
+def check_keys(given: Iterable[str], allowed: Iterable[str], key: str, hint: str = "") -> None:
+    """Every name in ``given`` must be in ``allowed``; otherwise a ValueError naming ``key.<name>``."""
+    allowed = sorted(allowed)
+    for name in given:
+        if name not in allowed:
+            close = difflib.get_close_matches(str(name), allowed, n=1)
+            mean = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{key}.{name}: unknown key{mean}; valid keys here are {allowed}"
+                             + (f". {hint}" if hint else ""))
+
+
+def unknown_model(key: str, value: str, valid: Sequence[str], library: str) -> ValueError:
+    close = difflib.get_close_matches(value, list(valid), n=3)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return ValueError(f"{key}: unknown {library} model {value!r}{hint}; valid names are {list(valid)}")
+
+
+def finalize(module: nn.Module, cfg: EncoderConfig) -> None:
+    """Cast ``module`` to ``cfg.dtype`` (if set); if ``cfg.freeze``, stop its gradients and eval() it."""
+    if cfg.dtype is not None:
+        module.to(getattr(torch, cfg.dtype))
+    if cfg.freeze:
+        module.requires_grad_(False)
+        module.eval()
+
+
+def param_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s first parameter: what its inputs are cast to."""
+    for p in module.parameters():
+        return p.dtype
+    return torch.get_default_dtype()
+
+
+def check_pixels(pixels: torch.Tensor, image_size: int, name: str) -> None:
+    """``pixels`` must be ``[B, 3, image_size, image_size]``."""
+    if not isinstance(pixels, torch.Tensor):
+        raise TypeError(f"encoder {name!r}: expected a tensor [B, 3, {image_size}, {image_size}], "
+                        f"got {type(pixels).__name__}")
+    if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, image_size, image_size):
+        raise ValueError(f"encoder {name!r}: expected pixels [B, 3, {image_size}, {image_size}] "
+                         f"(encoders.{name}.image_size), got {list(pixels.shape)}")

@@ -1,0 +1,28 @@
+"""Triton kernels for multi-granularity token merging (imported as ``fusion.kernels``).
+
+Public ops (each with a Triton path for CUDA tensors and a PyTorch reference path):
+
+- :func:`grid_merge`: resample several ``[B, h_i, w_i, C_i]`` encoder grids to one target
+  grid (area or bilinear), LayerNorm each, concatenate (channels or sequence).
+- :func:`pyramid_pool`: area-pool ``[B, H*W, C]`` tokens to several coarser levels.
+
+``naive_grid_merge`` / ``naive_pyramid_pool`` are the hand-written PyTorch sequences
+used as independent oracle and benchmark baseline.
+"""
+from .grid_merge import grid_merge  # noqa: F401  (binds the function over the submodule)
+from .pyramid_pool import pyramid_pool  # noqa: F401
+from .reference import (  # noqa: F401
+    grid_merge_reference,
+    naive_grid_merge,
+    naive_pyramid_pool,
+    pyramid_pool_reference,
+)
+
+__all__ = [
+    "grid_merge",
+    "pyramid_pool",
+    "grid_merge_reference",
+    "pyramid_pool_reference",
+    "naive_grid_merge",
+    "naive_pyramid_pool",
+]

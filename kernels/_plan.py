@@ -1,0 +1,169 @@
+"""Launch plans and the small index tables the Triton kernels read.
+
+A kernel program of ``grid_merge`` owns a block of columns and a band of rows of one
+batch item and streams its rows once. Tables (int32 / fp32, a few hundred bytes) tell
+it, per output index, which input run ``[lo, hi)`` it reads and with which weights
+(first / middle / last tap: area weights are all ``1/(hi-lo)``, bilinear's two taps
+are ``1-l`` and ``l``), so the kernels never rebuild index math that could drift from
+the reference: both take their weights from :mod:`._weights`.
+
+Block sizes:
+
+- ``TILE_BUDGET``: a program holds a few ``[rows, BC]`` fp32 tiles (accumulator, one or
+  two cached input rows); 8192 elements (32 KiB) each keeps that within a GPU register
+  file for ``C <= 512`` and bounded for wider grids, where the LayerNorm needs all
+  channels at once.
+- ``DOT_MIN = 16``: ``tl.dot`` needs every dimension >= 16.
+- ``MIN_BAND_ROWS = 8``: splitting rows into bands buys parallelism for small batches;
+  each band boundary re-reads at most one or two input rows, so bands are kept >= 8
+  output rows long (<= 8 % extra reads on a 27-row grid).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Dict, Sequence, Tuple
+
+import torch
+
+from ._weights import _matrix_rows, tap_ranges
+
+TILE_BUDGET = 8192
+DOT_MIN = 16
+MIN_BAND_ROWS = 8
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def pow2_floor(n: int) -> int:
+    return 1 << (max(1, int(n)).bit_length() - 1)
+
+
+def channel_block(C: int) -> int:
+    return max(DOT_MIN, next_pow2(C))
+
+
+@functools.lru_cache(maxsize=512)
+def _axis_rows(n_in: int, n_out: int, mode: str):
+    """Per output index: (lo, hi) int pairs and (first, middle, last) tap weights."""
+    idx, wts = [], []
+    for (lo, hi), taps in zip(tap_ranges(n_in, n_out, mode), _matrix_rows(n_in, n_out, mode)):
+        d = dict(taps)
+        first, last = d[lo], d[hi - 1]
+        mid = d[lo + 1] if hi - lo > 2 else first
+        idx.append((lo, hi))
+        wts.append((first, mid, last))
+    return tuple(idx), tuple(wts)
+
+
+_TABLES: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def axis_tables(n_in: int, n_out: int, mode: str, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(int32 [n_out, 2] lo/hi, fp32 [n_out, 3] first/mid/last weights)`` on ``device``."""
+    key = (n_in, n_out, mode, str(device))
+    if key not in _TABLES:
+        idx, wts = _axis_rows(n_in, n_out, mode)
+        _TABLES[key] = (torch.tensor(idx, dtype=torch.int32, device=device),
+                        torch.tensor(wts, dtype=torch.float32, device=device))
+    return _TABLES[key]
+
+
+def two_slots(n_in: int, n_out: int, mode: str) -> bool:
+    """Whether an input row can feed output rows that are not consecutive in the stream.
+
+    Area windows (and bilinear windows when shrinking) overlap their successor in at
+    most their last input row, so one cached row suffices; bilinear enlargement reuses
+    the pair ``(i, i + 1)`` for several outputs and needs two.
+    """
+    return mode == "bilinear" and n_out > n_in
+
+
+def _covering(n_in: int, n_out: int, mode: str, lo_in: int, hi_in: int) -> Tuple[int, int]:
+    """Output indices ``[a, b)`` whose taps touch inputs ``[lo_in, hi_in)``."""
+    rng = tap_ranges(n_in, n_out, mode)
+    hits = [i for i, (lo, hi) in enumerate(rng) if lo < hi_in and hi > lo_in]
+    return (hits[0], hits[-1] + 1) if hits else (0, 0)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Block sizes and per-block tables for one grid ``[h, w] -> [H, W]``."""
+    BC: int            # channel tile (all channels: the LayerNorm needs them)
+    BX: int            # forward: output columns per program
+    n_cb: int          # forward: column blocks
+    fwd_bands: Tuple[Tuple[int, int], ...]           # output rows [y0, y1) per band
+    BJF: int           # forward: input columns per width-product step
+    BJO: int           # backward: input columns a program owns
+    BXO: int           # backward: output columns it covers (tile rows)
+    bwd_cols: Tuple[Tuple[int, int], ...]            # covered output cols [xa, xb) per block
+    bwd_bands: Tuple[Tuple[int, int, int, int], ...]  # input rows [r0, r1), output rows [ya, yb)
+    BJB: int           # backward: input columns per width-product step (recompute)
+
+
+@functools.lru_cache(maxsize=512)
+def merge_plan(h: int, w: int, H: int, W: int, C: int, mode: str, row_blocks: int = 1) -> MergePlan:
+    BC = channel_block(C)
+    rows_fit = max(1, pow2_floor(TILE_BUDGET // BC))
+    BX = max(DOT_MIN, min(next_pow2(W), rows_fit))
+    n_cb = -(-W // BX)
+    nb = max(1, min(row_blocks, H // MIN_BAND_ROWS if H >= MIN_BAND_ROWS else 1))
+    fwd_bands = tuple((H * i // nb, H * (i + 1) // nb) for i in range(nb))
+
+    BJO = max(DOT_MIN, min(next_pow2(w), rows_fit))
+    bwd_cols = tuple(_covering(w, W, mode, j, min(j + BJO, w)) for j in range(0, w, BJO))
+    BXO = max(DOT_MIN, next_pow2(max(b - a for a, b in bwd_cols)))
+    nbb = max(1, min(row_blocks, h // MIN_BAND_ROWS if h >= MIN_BAND_ROWS else 1))
+    bwd_bands = []
+    for i in range(nbb):
+        r0, r1 = h * i // nbb, h * (i + 1) // nbb
+        bwd_bands.append((r0, r1) + _covering(h, H, mode, r0, r1))
+    cols = tap_ranges(w, W, mode)
+    span_f = max(cols[min(x + BX, W) - 1][1] - cols[x][0] for x in range(0, W, BX))
+    span_b = max(cols[b - 1][1] - cols[a][0] for a, b in bwd_cols if b > a)
+    return MergePlan(BC, BX, n_cb, fwd_bands, _step(span_f, rows_fit), BJO, BXO, bwd_cols,
+                     tuple(bwd_bands), _step(span_b, rows_fit))
+
+
+def _step(span: int, rows_fit: int) -> int:
+    """Input columns per width product: the whole span when it fits the tile budget."""
+    return max(DOT_MIN, min(next_pow2(span), rows_fit))
+
+
+def default_row_blocks(device: torch.device, batch: int, col_blocks: int) -> int:
+    """Row bands to give a GPU about two programs per SM; one band elsewhere."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, -(-2 * sms // max(1, batch * col_blocks)))
+
+
+_BLOCK_TABLES: Dict[tuple, torch.Tensor] = {}
+
+
+def int_table(rows: Sequence[Sequence[int]], device) -> torch.Tensor:
+    """A small int32 table on ``device`` (cached by content)."""
+    key = (tuple(tuple(r) for r in rows), str(device))
+    if key not in _BLOCK_TABLES:
+        _BLOCK_TABLES[key] = torch.tensor(key[0], dtype=torch.int32, device=device)
+    return _BLOCK_TABLES[key]
+
+
+def num_warps_for(elems: int) -> int:
+    """4 warps per 2K-element tile, up to 16."""
+    return max(4, min(16, next_pow2(elems // 512)))
+
+
+def pyramid_tables(levels: Sequence[Tuple[int, int]], device) -> Tuple[torch.Tensor, int]:
+    """Per stacked output column ``k`` of all levels: ``[5, KP]`` int32 rows
+    ``(level rows Lh, level cols Lw, column x, first token of the level, valid)``."""
+    cols, base = [], 0
+    for lh, lw in levels:
+        for x in range(lw):
+            cols.append((lh, lw, x, base, 1))
+        base += lh * lw
+    KP = max(DOT_MIN, next_pow2(len(cols)))
+    cols += [(1, 1, 0, 0, 0)] * (KP - len(cols))
+    return int_table(list(zip(*cols)), device), KP

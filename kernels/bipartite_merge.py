@@ -1,0 +1,481 @@
+"""bipartite_merge: content-aware token reduction by ToMe's bipartite soft matching.
+
+Public API:
+
+- :func:`bipartite_merge` ``(x, metric, r, sizes=None, backend="auto") -> (merged, sizes, assignment)``:
+  one step that removes ``r`` tokens.
+- :func:`reduce_to` ``(x, metric, keep, sizes=None, backend="auto")``: repeated steps down to
+  ``keep`` tokens, with the assignment maps composed.
+
+The decisions, the output order and the merge rule are those of ToMe (Bolya et al. 2023,
+"Token Merging: Your ViT But Faster"); :mod:`.bipartite_reference` states them in full.
+In short: A = even positions, B = odd positions, cosine scores, each A token's best B
+partner (ties: lowest index), A tokens ranked by that score descending (stable), the top
+``r`` merged into their partners by size-weighted mean, output ``[kept A in rank order,
+all B in order]`` of ``N - r`` tokens.
+
+The Triton path, three kernels:
+
+1. ``_bipartite_match_kernel``: each program owns ``BLOCK_A`` A tokens and streams B in
+   ``BLOCK_B`` blocks (``BLOCK_K`` metric channels at a time), keeping a running row
+   max/argmax, flash-attention style: the ``N_A × N_B`` score matrix is never
+   materialised. Dot products run in exact fp32 (``input_precision="ieee"``, no TF32),
+   so decisions match the fp32 reference up to summation order.
+2. The ranking (a sort of ``N_A`` scalars per image) and the source lists are plain
+   torch between the kernels: ``assignment`` is stably sorted, giving each output's
+   source tokens contiguously and in increasing input order (a CSR list).
+3. ``_gather_merge_kernel``: each program owns ``BLOCK_M`` output tokens × ``BLOCK_C``
+   channels and sums its sources in that fixed order, in fp32: deterministic, no
+   atomics. ``_gather_merge_backward_kernel`` is the gather
+   ``grad_x[i] = grad_merged[assignment[i]] * s_i / S_assignment[i]``.
+
+Gradients flow to ``x`` only: the decisions are discrete, ``metric`` and ``sizes`` get none.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _validate as V
+from .bipartite_reference import (
+    NORM_EPS,
+    bipartite_assignment,
+    bipartite_merge_reference,
+    merge_by_assignment_reference,
+)
+
+try:
+    import triton
+    import triton.language as tl
+
+    _TRITON_OK = True
+except ImportError:  # Triton ships for Linux only; the reference path still works elsewhere
+    _TRITON_OK = False
+
+# ---------------------------------------------------------------------------- constants
+# A tokens per match program. 64 rows x 64 columns of fp32 scores is 16 KiB of
+# registers per program at 4 warps, and 64 keeps tl.dot's minimum tile (16) satisfied.
+_MATCH_BLOCK_A = 64
+# B tokens per inner step: each step reuses the A tile against 64 new B rows.
+_MATCH_BLOCK_B = 64
+# Metric channels per inner step: bounds the A and B tiles to 64x32 fp32 (8 KiB each)
+# whatever Cm is (a fused metric can be thousands of channels wide).
+_MATCH_BLOCK_K = 32
+# Output tokens per merge program: most outputs have 1-3 sources, so 16 rows give a
+# program enough independent loads while the per-program source loop stays short.
+_MERGE_BLOCK_M = 16
+# Channels per merge program: 128 fp32 accumulators per row, 16x128 = 8 KiB per program.
+_MERGE_BLOCK_C = 128
+# Input tokens per backward program and channels per program, same reasoning.
+_BWD_BLOCK_N = 16
+_BWD_BLOCK_C = 128
+# dtypes the kernels load (they compute in fp32); fp64 stays on the reference path.
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---------------------------------------------------------------------------- kernels
+if _TRITON_OK:
+
+    @triton.jit
+    def _bipartite_match_kernel(
+        M, BEST, PARTNER,                     # metric [B, N, Cm]; outputs [B, N_A] fp32 / int64
+        N_A, N_B, Cm,
+        stride_b, stride_n, stride_c,         # metric strides (elements)
+        EPS,
+        BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Row max / argmax of cosine(A_i, B_j) over j, streamed over B blocks."""
+        pid_a = tl.program_id(0)
+        bb = tl.program_id(1).to(tl.int64)
+        base = M + bb * stride_b
+        ia = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+        a_mask = ia < N_A
+        a_rows = (2 * ia).to(tl.int64) * stride_n           # A token i is token 2i
+        kk0 = tl.arange(0, BLOCK_K)
+
+        sq_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+        for k0 in range(0, Cm, BLOCK_K):
+            kk = k0 + kk0
+            a = tl.load(base + a_rows[:, None] + kk[None, :] * stride_c,
+                        mask=a_mask[:, None] & (kk < Cm)[None, :], other=0.0).to(tl.float32)
+            sq_a += tl.sum(a * a, axis=1)
+        inv_a = 1.0 / tl.maximum(tl.sqrt(sq_a), EPS)
+
+        best = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
+        arg = tl.zeros([BLOCK_A], dtype=tl.int32)
+        for b0 in range(0, N_B, BLOCK_B):
+            ib = b0 + tl.arange(0, BLOCK_B)
+            b_mask = ib < N_B
+            b_rows = (2 * ib + 1).to(tl.int64) * stride_n   # B token j is token 2j+1
+            dot = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+            sq_b = tl.zeros([BLOCK_B], dtype=tl.float32)
+            for k0 in range(0, Cm, BLOCK_K):
+                kk = k0 + kk0
+                k_mask = (kk < Cm)[None, :]
+                a = tl.load(base + a_rows[:, None] + kk[None, :] * stride_c,
+                            mask=a_mask[:, None] & k_mask, other=0.0).to(tl.float32)
+                b = tl.load(base + b_rows[:, None] + kk[None, :] * stride_c,
+                            mask=b_mask[:, None] & k_mask, other=0.0).to(tl.float32)
+                dot += tl.dot(a, tl.trans(b), input_precision="ieee")
+                sq_b += tl.sum(b * b, axis=1)
+            inv_b = 1.0 / tl.maximum(tl.sqrt(sq_b), EPS)
+            s = dot * inv_a[:, None] * inv_b[None, :]
+            s = tl.where(b_mask[None, :], s, float("-inf"))
+            blk_max = tl.max(s, axis=1)
+            blk_arg = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32) + b0
+            upd = blk_max > best                            # strict: earlier block wins ties
+            best = tl.where(upd, blk_max, best)
+            arg = tl.where(upd, blk_arg, arg)
+
+        out = bb * N_A + ia
+        tl.store(BEST + out, best, mask=a_mask)
+        tl.store(PARTNER + out, arg.to(tl.int64), mask=a_mask)
+
+    @triton.jit
+    def _gather_merge_kernel(
+        X, S, SRC, OFFS, OUT, OUT_S,          # x [B,N,C]; sizes fp32 [B,N]; src [B,N]; offs [B,n_out+1]
+        N, n_out, C,
+        stride_xb, stride_xn, stride_xc,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """out[o] = Σ_{i in src[offs[o]:offs[o+1]]} (s_i / S_o) x_i, sources in list order."""
+        pid_m = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        bb = tl.program_id(2).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        r_mask = rows < n_out
+        offs = OFFS + bb * (n_out + 1)
+        start = tl.load(offs + rows, mask=r_mask, other=0)
+        cnt = tl.load(offs + rows + 1, mask=r_mask, other=0) - start
+        max_cnt = tl.max(cnt, axis=0)
+        src_base = SRC + bb * N
+        s_base = S + bb * N
+
+        den = tl.zeros([BLOCK_M], dtype=tl.float32)          # S_o, summed in list order
+        for j in range(0, max_cnt):
+            valid = j < cnt
+            src = tl.load(src_base + start + j, mask=valid, other=0)
+            den += tl.load(s_base + src, mask=valid, other=0.0).to(tl.float32)
+        den_safe = tl.where(den > 0.0, den, 1.0)
+
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = cols < C
+        x_base = X + bb * stride_xb
+        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for j in range(0, max_cnt):
+            valid = j < cnt
+            src = tl.load(src_base + start + j, mask=valid, other=0)
+            w = tl.load(s_base + src, mask=valid, other=0.0).to(tl.float32) / den_safe
+            xv = tl.load(x_base + src[:, None] * stride_xn + cols[None, :] * stride_xc,
+                         mask=valid[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+            acc += w[:, None] * xv
+
+        out_rows = bb * n_out + rows
+        tl.store(OUT + out_rows[:, None] * C + cols[None, :], acc.to(OUT.dtype.element_ty),
+                 mask=r_mask[:, None] & c_mask[None, :])
+        if pid_c == 0:
+            tl.store(OUT_S + out_rows, den, mask=r_mask)
+
+    @triton.jit
+    def _gather_merge_backward_kernel(
+        G, S, OUT_S, ASSIGN, GX,              # grad [B,n_out,C]; sizes fp32 [B,N]; [B,n_out]; [B,N]; [B,N,C]
+        N, n_out, C,
+        stride_gb, stride_gn, stride_gc,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """grad_x[i] = grad[assign[i]] * s_i / S_assign[i] (a gather: no atomics)."""
+        pid_n = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        bb = tl.program_id(2).to(tl.int64)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        r_mask = rows < N
+        o = tl.load(ASSIGN + bb * N + rows, mask=r_mask, other=0)
+        s = tl.load(S + bb * N + rows, mask=r_mask, other=0.0).to(tl.float32)
+        tot = tl.load(OUT_S + bb * n_out + o, mask=r_mask, other=1.0).to(tl.float32)
+        w = s / tl.where(tot > 0.0, tot, 1.0)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = cols < C
+        m2 = r_mask[:, None] & c_mask[None, :]
+        g = tl.load(G + bb * stride_gb + o[:, None] * stride_gn + cols[None, :] * stride_gc,
+                    mask=m2, other=0.0).to(tl.float32)
+        tl.store(GX + (bb * N + rows)[:, None] * C + cols[None, :],
+                 (w[:, None] * g).to(GX.dtype.element_ty), mask=m2)
+
+
+# ---------------------------------------------------------------------------- launchers
+def _match_triton(metric: torch.Tensor, block_a: int = _MATCH_BLOCK_A, block_b: int = _MATCH_BLOCK_B,
+                  block_k: int = _MATCH_BLOCK_K) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``metric [B, N, Cm]`` (any strides) -> ``best [B, N_A]`` fp32, ``partner [B, N_A]`` int64."""
+    if metric.dim() != 3 or metric.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"metric must be a [B, N, Cm] float16/bfloat16/float32 tensor, got "
+                         f"{tuple(metric.shape)} {metric.dtype}")
+    for name, blk in (("block_a", block_a), ("block_b", block_b), ("block_k", block_k)):
+        if blk < 16 or blk & (blk - 1):
+            raise ValueError(f"{name}={blk} must be a power of two >= 16 (tl.dot's smallest tile)")
+    Bsz, N, Cm = metric.shape
+    n_a, n_b = (N + 1) // 2, N // 2
+    best = torch.empty((Bsz, n_a), dtype=torch.float32, device=metric.device)
+    partner = torch.empty((Bsz, n_a), dtype=torch.int64, device=metric.device)
+    if Bsz == 0 or n_a == 0:
+        return best, partner
+    if n_b == 0:
+        return best.fill_(float("-inf")), partner.zero_()
+    grid = (triton.cdiv(n_a, block_a), Bsz)
+    _bipartite_match_kernel[grid](
+        metric, best, partner, n_a, n_b, Cm,
+        metric.stride(0), metric.stride(1), metric.stride(2), NORM_EPS,
+        BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_K=block_k,
+    )
+    return best, partner
+
+
+def _merge_triton(x: torch.Tensor, sizes: torch.Tensor, src: torch.Tensor, offsets: torch.Tensor,
+                  block_m: int = _MERGE_BLOCK_M, block_c: int = _MERGE_BLOCK_C
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gather-merge: ``x [B, N, C]``, ``sizes [B, N]`` fp32, ``src [B, N]`` / ``offsets [B, n_out+1]`` int64.
+
+    Returns ``merged [B, n_out, C]`` (x.dtype) and ``merged_sizes [B, n_out]`` fp32.
+    """
+    Bsz, N, C = x.shape
+    n_out = offsets.shape[1] - 1
+    if tuple(sizes.shape) != (Bsz, N) or tuple(src.shape) != (Bsz, N) or offsets.shape[0] != Bsz:
+        raise ValueError(f"sizes and src must be [B, N] = [{Bsz}, {N}] and offsets [B, n_out + 1]; got "
+                         f"{tuple(sizes.shape)}, {tuple(src.shape)}, {tuple(offsets.shape)}")
+    sizes, src, offsets = (t.contiguous() for t in (sizes, src, offsets))
+    merged = torch.empty((Bsz, n_out, C), dtype=x.dtype, device=x.device)
+    merged_sizes = torch.empty((Bsz, n_out), dtype=torch.float32, device=x.device)
+    if merged.numel() == 0:
+        return merged, merged_sizes.zero_()
+    grid = (triton.cdiv(n_out, block_m), triton.cdiv(C, block_c), Bsz)
+    _gather_merge_kernel[grid](
+        x, sizes, src, offsets, merged, merged_sizes, N, n_out, C,
+        x.stride(0), x.stride(1), x.stride(2),
+        BLOCK_M=block_m, BLOCK_C=block_c,
+    )
+    return merged, merged_sizes
+
+
+def _merge_backward_triton(grad: torch.Tensor, sizes: torch.Tensor, merged_sizes: torch.Tensor,
+                           assignment: torch.Tensor, dtype: torch.dtype,
+                           block_n: int = _BWD_BLOCK_N, block_c: int = _BWD_BLOCK_C) -> torch.Tensor:
+    """``grad [B, n_out, C]`` -> ``grad_x [B, N, C]`` in ``dtype``."""
+    Bsz, n_out, C = grad.shape
+    N = assignment.shape[1]
+    sizes, merged_sizes, assignment = (t.contiguous() for t in (sizes, merged_sizes, assignment))
+    grad_x = torch.empty((Bsz, N, C), dtype=dtype, device=grad.device)
+    if grad_x.numel() == 0:
+        return grad_x
+    grid = (triton.cdiv(N, block_n), triton.cdiv(C, block_c), Bsz)
+    _gather_merge_backward_kernel[grid](
+        grad, sizes, merged_sizes, assignment, grad_x, N, n_out, C,
+        grad.stride(0), grad.stride(1), grad.stride(2),
+        BLOCK_N=block_n, BLOCK_C=block_c,
+    )
+    return grad_x
+
+
+# ---------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("fusion::bipartite_match", mutates_args=())
+def _match_op(metric: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton matcher as an opaque op: ``[B, N, Cm]`` -> ``best [B, N_A]`` fp32, ``partner [B, N_A]`` int64."""
+    return _match_triton(metric)
+
+
+@_match_op.register_fake
+def _(metric):
+    Bsz, N, _ = metric.shape
+    n_a = (N + 1) // 2
+    return (metric.new_empty((Bsz, n_a), dtype=torch.float32),
+            metric.new_empty((Bsz, n_a), dtype=torch.int64))
+
+
+@torch.library.custom_op("fusion::bipartite_gather_merge", mutates_args=())
+def _merge_op(x: torch.Tensor, sizes: torch.Tensor, src: torch.Tensor, offsets: torch.Tensor,
+              assignment: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton gather-merge as an op; ``assignment`` rides along for the backward."""
+    return _merge_triton(x, sizes, src, offsets)
+
+
+@_merge_op.register_fake
+def _(x, sizes, src, offsets, assignment):
+    Bsz, _, C = x.shape
+    n_out = offsets.shape[1] - 1
+    return x.new_empty((Bsz, n_out, C)), x.new_empty((Bsz, n_out), dtype=torch.float32)
+
+
+@torch.library.custom_op("fusion::bipartite_gather_merge_backward", mutates_args=())
+def _merge_backward_op(grad: torch.Tensor, sizes: torch.Tensor, merged_sizes: torch.Tensor,
+                       assignment: torch.Tensor, x_like: torch.Tensor) -> torch.Tensor:
+    """Triton backward of the gather-merge; ``x_like`` (any view of x's dtype) gives the grad dtype."""
+    return _merge_backward_triton(grad, sizes, merged_sizes, assignment, x_like.dtype)
+
+
+@_merge_backward_op.register_fake
+def _(grad, sizes, merged_sizes, assignment, x_like):
+    Bsz, _, C = grad.shape
+    return grad.new_empty((Bsz, assignment.shape[1], C), dtype=x_like.dtype)
+
+
+def _merge_setup_context(ctx, inputs, output):
+    x, sizes, _src, _offsets, assignment = inputs
+    _merged, merged_sizes = output
+    ctx.save_for_backward(sizes, merged_sizes, assignment)
+    ctx.x_dtype = x.dtype
+
+
+def _merge_backward(ctx, grad_merged, _grad_sizes):
+    sizes, merged_sizes, assignment = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        x_like = grad_merged.new_empty((0,), dtype=ctx.x_dtype)
+        grad_x = _merge_backward_op(grad_merged, sizes, merged_sizes, assignment, x_like)
+    return grad_x, None, None, None, None
+
+
+_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
+
+
+# ---------------------------------------------------------------------------- public API
+def _source_lists(assignment: torch.Tensor, n_out: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``assignment [B, N]`` -> CSR ``src [B, N]`` (inputs grouped by output, increasing within
+    a group) and ``offsets [B, n_out + 1]``: output ``o``'s sources are ``src[offsets[o]:offsets[o+1]]``."""
+    Bsz = assignment.shape[0]
+    sorted_out, src = torch.sort(assignment, dim=1, stable=True)
+    bounds = torch.arange(n_out + 1, device=assignment.device).expand(Bsz, n_out + 1).contiguous()
+    return src, torch.searchsorted(sorted_out, bounds)
+
+
+def _merge_by_assignment(x: torch.Tensor, sizes: torch.Tensor, assignment: torch.Tensor, n_out: int,
+                         backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted merge of ``x [B, N, C]`` by ``assignment``; sizes in the compute dtype."""
+    if backend == "torch":
+        return merge_by_assignment_reference(x, sizes, assignment, n_out)
+    src, offsets = _source_lists(assignment, n_out)
+    return _merge_op(x, sizes.detach().float(), src, offsets, assignment)
+
+
+def _check_common(x, metric, sizes, backend) -> str:
+    V.check_float_tensor("x", x, 3, "[B, N, C]")
+    V.check_float_tensor("metric", metric, 3, "[B, N, Cm]")
+    if metric.shape[:2] != x.shape[:2]:
+        raise ValueError(f"metric has shape {tuple(metric.shape)} but x has {tuple(x.shape)}; metric must be "
+                         f"[B, N, Cm] with the same B={x.shape[0]} and N={x.shape[1]} as x")
+    if metric.device != x.device:
+        raise ValueError(f"metric is on {metric.device} but x is on {x.device}")
+    if sizes is not None:
+        V.check_float_tensor("sizes", sizes, 2, "[B, N]")
+        if sizes.shape != x.shape[:2]:
+            raise ValueError(f"sizes has shape {tuple(sizes.shape)}; it must be [B, N] = "
+                             f"[{x.shape[0]}, {x.shape[1]}] like x's first two dims")
+        if sizes.device != x.device:
+            raise ValueError(f"sizes is on {sizes.device} but x is on {x.device}")
+    be = V.resolve_backend(backend, x.device, _TRITON_OK)
+    if be == "triton":
+        bad = [(n, t.dtype) for n, t in (("x", x), ("metric", metric)) if t.dtype not in _TRITON_DTYPES]
+        if bad and backend == "auto":
+            return "torch"  # fp64 is computed exactly by the reference
+        if bad:
+            raise ValueError(f"backend='triton' computes in fp32; {bad[0][0]} has dtype {bad[0][1]}: "
+                             "use float16, bfloat16 or float32, or backend='torch'")
+        if x.device.type != "cuda" and not _interpreting():
+            raise ValueError(f"backend='triton' needs CUDA tensors (x is on {x.device}); use backend='torch' "
+                             "or 'auto' for CPU tensors")
+    return be
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__} {value!r}")
+    return value
+
+
+def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, r: int, sizes: Optional[torch.Tensor] = None,
+                    backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ToMe bipartite-soft-matching step that removes ``r`` tokens.
+
+    Args:
+        x: ``[B, N, C]`` tokens (float16/bfloat16/float32/float64, any strides).
+        metric: ``[B, N, Cm]`` similarity features (may be ``x`` itself); only its
+            direction matters (cosine). It gets no gradient.
+        r: tokens to remove, ``0 <= r <= N_A = ceil(N / 2)`` (the number of A tokens; 0 when
+            ``N == 1``). ``r = 0`` returns ``x`` unchanged. A Python int, so shapes are static.
+        sizes: ``[B, N]`` positive token sizes (how many original tokens each one stands
+            for); None means ones. Treated as constants (no gradient).
+        backend: ``"auto"`` (Triton for CUDA tensors, the PyTorch reference otherwise),
+            ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``merged [B, N - r, C]`` (x.dtype): the kept A tokens in rank order (most similar
+        first), then all B tokens in order, each the size-weighted mean of what went in;
+        ``sizes [B, N - r]`` (dtype of ``sizes``, fp32 when None): the summed sizes;
+        ``assignment [B, N]`` int64: for every input token, the output position it went
+        into (``merged[b, assignment[b, i]]`` contains ``x[b, i]``).
+    """
+    be = _check_common(x, metric, sizes, backend)
+    _check_int("r", r)
+    Bsz, N, _ = x.shape
+    n_a, n_b = (N + 1) // 2, N // 2
+    r_max = n_a if n_b > 0 else 0
+    if not 0 <= r <= r_max:
+        raise ValueError(f"r={r} is out of range: one bipartite step removes 0 <= r <= {r_max} tokens "
+                         f"(the number of A tokens, ceil(N/2), for N={N}"
+                         f"{'; a single token has no partner' if N == 1 else ''})")
+    if be == "torch":
+        return bipartite_merge_reference(x, metric, r, sizes)
+    out_dtype = sizes.dtype if sizes is not None else torch.float32
+    if r == 0:
+        if sizes is None:
+            sizes = torch.ones((Bsz, N), dtype=out_dtype, device=x.device)
+        return x, sizes, torch.arange(N, device=x.device).expand(Bsz, N).clone()
+    s32 = (sizes.detach().float() if sizes is not None
+           else torch.ones((Bsz, N), dtype=torch.float32, device=x.device))
+    best, partner = _match_op(metric.detach())
+    assignment = bipartite_assignment(best, partner, r, N)
+    merged, merged_sizes = _merge_by_assignment(x, s32, assignment, N - r, be)
+    return merged, merged_sizes.to(out_dtype), assignment
+
+
+def reduce_to(x: torch.Tensor, metric: torch.Tensor, keep: int, sizes: Optional[torch.Tensor] = None,
+              backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bipartite steps until ``keep`` tokens remain: ``[B, N, C]`` -> ``[B, keep, C]``.
+
+    Each step removes ``r = min(N_cur - keep, ceil(N_cur / 2))`` tokens, so it repeats
+    while more than half must go. Between steps the metric is merged with the same
+    assignment (size-weighted mean; when ``metric is x`` the merged ``x`` is reused), and
+    sizes accumulate. The per-step assignments are composed, so the returned
+    ``assignment [B, N]`` maps every input token to its final output token; the result
+    equals the size-weighted mean of the input tokens mapped to each output.
+
+    Args/returns as :func:`bipartite_merge`, with ``keep`` an int in ``[1, N]``
+    (``keep == N`` returns ``x`` unchanged).
+    """
+    be = _check_common(x, metric, sizes, backend)
+    _check_int("keep", keep)
+    Bsz, N, _ = x.shape
+    if not 1 <= keep <= N:
+        raise ValueError(f"keep={keep} is out of range: it must be between 1 and the token count N={N}")
+    out_dtype = sizes.dtype if sizes is not None else torch.float32
+    cur_sizes = (sizes.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+                 if sizes is not None else torch.ones((Bsz, N), dtype=torch.float32, device=x.device))
+    assignment = torch.arange(N, device=x.device).expand(Bsz, N).clone()
+    same = metric is x
+    metric = metric.detach()
+    n = N
+    while n > keep:
+        r = min(n - keep, (n + 1) // 2)
+        merged, new_sizes, step = bipartite_merge(x, metric, r, cur_sizes, backend=be)
+        if same:
+            metric = merged.detach()
+        else:
+            with torch.no_grad():
+                metric, _ = _merge_by_assignment(metric, cur_sizes, step, n - r, be)
+        assignment = step.gather(1, assignment)
+        x, cur_sizes, n = merged, new_sizes, n - r
+    return x, cur_sizes.to(out_dtype), assignment
