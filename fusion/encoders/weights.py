@@ -4,7 +4,7 @@
 
 - ``null``: random initialisation (the tower seeds the RNG);
 - a local file: ``.safetensors`` (read with safetensors) or ``.pt`` / ``.pth`` / ``.bin``
-  (read with ``torch.load(weights_only=False)``, which refuses pickles that would run
+  (read with ``torch.load(weights_only=True)``, which refuses pickles that would run
   code), holding the state dict in the format the upstream library's own loader takes;
 - an upstream tag (open_clip ``openai``, timm ``lvd142m``, ...): fetched through the
   upstream library's own download cache.
