@@ -3,6 +3,7 @@
     tower = fusion.build_tower("vsre")            # or "tiny", a .yaml path, a dict
     tokens = tower(tower.image_processor(images)["pixel_values"])   # [B, N, D]
 """
+from .boxes import boxes_to_text, parse_box, text_to_boxes, tokens_in
 from .config import TowerConfig, list_presets, load_config
 from .encoders.base import Encoder
 from .encoders.registry import list_encoders, register_encoder
@@ -17,9 +18,13 @@ __all__ = [
     "MultiEncoderTower",
     "TowerConfig",
     "TowerOutput",
+    "boxes_to_text",
     "build_tower",
     "list_encoders",
     "list_presets",
     "load_config",
+    "parse_box",
     "register_encoder",
+    "text_to_boxes",
+    "tokens_in",
 ]

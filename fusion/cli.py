@@ -3,7 +3,11 @@
 - ``fusion-tower info SOURCE [key=value ...] [--weights random]``: a table per encoder
   and the fused token count and width.
 - ``fusion-tower extract SOURCE --images PATHS --out DIR [--weights random]
-  [--batch-size N] [--seed S] [key=value ...]``: fused tokens as safetensors shards.
+  [--batch-size N] [--seed S] [--cache-encoders] [key=value ...]``: fused tokens as
+  safetensors shards (and, with ``--cache-encoders``, each encoder's grid). Under
+  ``torchrun --nproc_per_node N -m fusion extract ...`` the ranks split the shards.
+- ``fusion-tower show SOURCE IMAGE --out picture.png [--rois BOX ...] [--weights random]``:
+  the image, each encoder's feature grid and the fused tokens as PCA-coloured maps.
 """
 from __future__ import annotations
 
@@ -36,7 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--shard-size", type=int, default=64, help="images per safetensors shard")
     ext.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ext.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ext.add_argument("--cache-encoders", action="store_true",
+                     help="also store each encoder's grid (before the merge) per image, for "
+                          "tower.merge_and_project / fusion.feature_cache.FeatureCache")
+    ext.add_argument("--barrier-timeout", type=float, default=24.0, metavar="HOURS",
+                     help="under torchrun: how long rank 0 waits for the other ranks before writing "
+                          "manifest.json (default 24)")
     sub.add_parser("presets", help="list the shipped presets")
+    _add_show_parser(sub)
     return parser
 
 
@@ -62,24 +73,64 @@ def cmd_info(args) -> int:
 
 
 def cmd_extract(args) -> int:
+    """Extract features; under ``torchrun`` every rank takes its shards (``RANK``/``WORLD_SIZE``
+    from the environment, across nodes too) and rank 0 writes ``manifest.json`` after a barrier."""
+    import datetime
+    from pathlib import Path
+
     import torch
 
-    from .extract import collect_images, extract_features, write_manifest
+    from .distributed import barrier, dist_env, init_coordination
+    from .extract import check_writable, collect_images, extract_features, write_manifest
 
+    env = dist_env()
+    if not args.barrier_timeout > 0:
+        raise ValueError(f"--barrier-timeout: expected a positive number of hours, got {args.barrier_timeout}")
     images = collect_images(args.images)
+    check_writable(Path(args.out))  # before loading the encoders: an unwritable --out fails at once
     tower = _build(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device
+    if device is None:
+        device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
     tower.to(device)
-    result = extract_features(tower, images, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
-                              progress=not args.no_progress)
-    manifest = write_manifest(args.out, {"source": str(args.source), "overrides": list(args.overrides),
-                                         "weights": args.weights, "seed": args.seed,
-                                         "tokens": [tower.num_patches, tower.hidden_size]})
+    created = init_coordination(env, datetime.timedelta(hours=args.barrier_timeout))
+    try:
+        result = extract_features(tower, images, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
+                                  rank=env.rank, world_size=env.world_size,
+                                  progress=not args.no_progress and env.rank == 0,
+                                  cache_encoders=args.cache_encoders)
+        if env.distributed:
+            print(f"rank {env.rank}/{env.world_size}: encoded {result.images} images into {len(result.written)} "
+                  f"shards, {len(result.skipped_shards)} shards already done", file=sys.stderr)
+        barrier()  # every rank's shards are complete before rank 0 gathers them
+        if env.rank != 0:
+            return 0
+        info = {"source": str(args.source), "overrides": list(args.overrides), "weights": args.weights,
+                "seed": args.seed, "tokens": [tower.num_patches, tower.hidden_size]}
+        if args.cache_encoders:
+            info["encoders"] = {s.name: [s.grid[0], s.grid[1], s.dim] for s in tower.merge.specs}
+        manifest = write_manifest(args.out, info)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
     print(f"wrote {manifest['num_images']} images ({tower.num_patches} x {tower.hidden_size} tokens each) "
           f"to {args.out}; {len(result.skipped_shards)} shards already done, {len(manifest['failed'])} skipped")
     for name, reason in manifest["failed"].items():
         print(f"  skipped {name}: {reason}", file=sys.stderr)
     return 1 if manifest["failed"] else 0
+
+
+def _add_show_parser(sub) -> None:
+    from .show import add_arguments
+
+    add_arguments(sub.add_parser("show", help="picture: the image, each encoder's features and the fused tokens "
+                                              "(PCA colours), ROI crops"))
+
+
+def cmd_show(args) -> int:
+    from .show import run
+
+    return run(args)
 
 
 def cmd_presets(args) -> int:
@@ -96,7 +147,7 @@ def _table(rows) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"info": cmd_info, "extract": cmd_extract, "presets": cmd_presets}
+COMMANDS = {"info": cmd_info, "extract": cmd_extract, "presets": cmd_presets, "show": cmd_show}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -110,7 +161,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.overrides = list(getattr(args, "overrides", [])) + extra
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError) as err:  # OSError: FileNotFoundError, unwritable --out, disk full
         print(f"fusion-tower {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -29,6 +29,8 @@ COMBINES = ("channel_concat", "sequence_concat")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 PROJECTORS = ("none", "linear", "mlp2x_gelu")
 PROCESSOR_MODES = ("pad", "squash", "crop")
+REDUCE_METHODS = ("bipartite",)
+POS_EMBEDS = ("none", "sincos")
 
 
 # ----------------------------------------------------------------------------- schema
@@ -47,11 +49,35 @@ class EncoderConfig:
     freeze: bool = True
     dtype: Optional[str] = None
     arch: Dict[str, Any] = field(default_factory=dict)
+    # S2 multi-scale: the encoder runs at each scale (s x its input size, as s x s tiles of
+    # its input size), each scale area-pooled to its base grid, scales concatenated on
+    # channels (see fusion.multiscale). [1] is the plain encoder.
+    scales: List[int] = field(default_factory=lambda: [1])
+
+
+@dataclass
+class ReduceConfig:
+    """Content-aware token reduction of the fused grid (``fusion.reduce``, see fusion.reduce).
+
+    ``method: bipartite`` is ToMe's bipartite soft matching down to ``keep`` tokens;
+    ``metric`` is ``fused`` (the fused tokens) or an encoder name (that encoder's grid
+    aligned to the fused grid).
+    """
+
+    method: str = "bipartite"
+    keep: Optional[int] = None
+    metric: str = "fused"
 
 
 @dataclass
 class FusionConfig:
-    """How the encoder grids become one token sequence."""
+    """How the encoder grids become one token sequence.
+
+    ``levels``: coarser square levels of the fused grid (e.g. ``[12, 6]``) appended after
+    it (a leading entry equal to ``grid`` names the fused grid itself and adds nothing).
+    ``reduce``: null, or a :class:`ReduceConfig`. ``pos_embed``: ``none`` or ``sincos``
+    (a fixed 2-D sin-cos embedding of each token's box centre added before the projector).
+    """
 
     grid: int = 24
     resample: str = "area"
@@ -60,6 +86,13 @@ class FusionConfig:
     width: Optional[int] = None
     kernels: str = "auto"
     eps: float = 1e-5
+    levels: List[int] = field(default_factory=list)
+    reduce: Optional[ReduceConfig] = None
+    pos_embed: str = "none"
+
+    def extra_levels(self) -> List[int]:
+        """The levels appended after the fused grid (``levels`` without a leading ``grid``)."""
+        return [lv for i, lv in enumerate(self.levels) if not (i == 0 and lv == self.grid)]
 
 
 @dataclass
@@ -150,7 +183,45 @@ def _load_raw(source: ConfigSource) -> Dict[str, Any]:
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a repeated mapping key (PyYAML silently keeps the last:
+    a second ``clip:`` under ``encoders`` would replace the first)."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: Dict[Any, int] = {}
+    for key_node, _ in node.value:  # the keys written here (merged `<<` keys may be overridden)
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r} (first on line {seen[key] + 1}); keys must be unique",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        except TypeError:  # unhashable: construct_mapping reports it
+            continue
+    loader.flatten_mapping(node)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _unique_json_object(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"found duplicate key {key!r}; keys must be unique")
+        out[key] = value
+    return out
+
+
 def _read_file(path: Path) -> Dict[str, Any]:
+    if path.is_dir():
+        raise ValueError(f"source: {str(path)!r} is a folder; expected a .yaml/.yml/.json config file")
     if not path.is_file():
         raise FileNotFoundError(f"source: config file {str(path)!r} does not exist")
     try:
@@ -158,9 +229,15 @@ def _read_file(path: Path) -> Dict[str, Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"source: cannot read config file {str(path)!r}: {err}") from err
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as err:
-        raise ValueError(f"source: {str(path)!r} is not valid {path.suffix[1:].upper()}: {err}") from err
+        if path.suffix.lower() == ".json":
+            data = json.loads(text, object_pairs_hook=_unique_json_object)
+        else:
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except (yaml.YAMLError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        hint = ("; configs are plain YAML (mappings, lists, strings, numbers, true/false, null): "
+                "python tags like !!python/object are refused, never run"
+                if "python/" in str(err) else "")
+        raise ValueError(f"source: {str(path)!r} is not valid {path.suffix[1:].upper()}: {err}{hint}") from err
     if not isinstance(data, dict):
         raise ValueError(f"source: {str(path)!r} must hold a mapping at the top, got {type(data).__name__}")
     return data
@@ -231,7 +308,47 @@ def parse_config(raw: Mapping[str, Any]) -> TowerConfig:
     if projector.type != "none" and projector.out_dim is None:
         raise ValueError(f"projector.out_dim: projector.type {projector.type!r} needs an output width "
                          f"(a positive int); got null")
+    _check_levels(fusion)
+    _check_reduce(fusion, list(encoders))
     return TowerConfig(encoders=encoders, fusion=fusion, projector=projector, processor=processor)
+
+
+def _check_levels(fusion: FusionConfig) -> None:
+    """Levels: each coarser than ``fusion.grid`` (a leading ``grid`` is allowed), strictly decreasing."""
+    for i, lv in enumerate(fusion.levels):
+        if lv > fusion.grid or (lv == fusion.grid and i > 0):
+            raise ValueError(f"fusion.levels: got {fusion.levels}; levels pool the fused grid down, so each "
+                             f"must be < fusion.grid={fusion.grid} (only the first may equal it, naming the "
+                             f"fused grid itself)")
+        if i > 0 and lv >= fusion.levels[i - 1]:
+            raise ValueError(f"fusion.levels: got {fusion.levels}; list the levels from fine to coarse, "
+                             f"strictly decreasing, e.g. [12, 6, 3]")
+
+
+def _check_reduce(fusion: FusionConfig, encoder_names: List[str]) -> None:
+    """``fusion.reduce``: ``keep`` within the fused token count, ``metric`` a valid source."""
+    red = fusion.reduce
+    if red is None:
+        return
+    n_grids = 1 if fusion.combine == "channel_concat" else len(encoder_names)
+    n_tokens = fusion.grid * fusion.grid * n_grids
+    if red.keep is None:
+        raise ValueError(f"fusion.reduce.keep: missing; set the number of fused tokens to keep "
+                         f"(an int between 1 and {n_tokens})")
+    if red.keep > n_tokens:
+        raise ValueError(f"fusion.reduce.keep: got {red.keep}, but the fused grid has only {n_tokens} tokens "
+                         f"(fusion.grid={fusion.grid}" + (f" x {n_grids} encoders" if n_grids > 1 else "")
+                         + f"); keep must be between 1 and {n_tokens}")
+    choices = ["fused", *encoder_names]
+    if red.metric not in choices:
+        close = difflib.get_close_matches(str(red.metric), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"fusion.reduce.metric: got {red.metric!r}{hint}; accepted values are {choices} "
+                         f"('fused' or an encoder name)")
+    if red.metric != "fused" and fusion.combine != "channel_concat":
+        raise ValueError(f"fusion.reduce.metric: an encoder metric ({red.metric!r}) gives one feature per grid "
+                         f"cell, but fusion.combine {fusion.combine!r} has {n_grids} tokens per cell; use "
+                         f"metric 'fused' or combine 'channel_concat'")
 
 
 def _parse_encoder(name: str, raw: Any) -> EncoderConfig:
@@ -333,6 +450,28 @@ def _layer(value: Any, key: str) -> int:
     return value
 
 
+def _int_list(minimum: int, what: str, increasing: bool = False, allow_empty: bool = True):
+    def check(value: Any, key: str) -> List[int]:
+        if value is None and allow_empty:
+            return []
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value)
+        if not ok or (not allow_empty and not value):
+            raise ValueError(f"{key}: expected a {'non-empty ' if not allow_empty else ''}list of integers "
+                             f">= {minimum} ({what}), got {value!r}")
+        if increasing and any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(f"{key}: got {list(value)}; list each value once, in increasing order ({what})")
+        return list(value)
+
+    return check
+
+
+def _reduce(value: Any, key: str) -> Optional[ReduceConfig]:
+    if value is None:
+        return None
+    return _parse_section(ReduceConfig, value, key, _REDUCE_CHECKS)
+
+
 def _arch(value: Any, key: str) -> Dict[str, Any]:
     if value is None:
         return {}
@@ -351,6 +490,12 @@ _ENCODER_CHECKS = {
     "freeze": _bool,
     "dtype": _choice(DTYPES, optional=True),
     "arch": _arch,
+    "scales": _int_list(1, "e.g. [1, 2]: the input size and twice it", increasing=True, allow_empty=False),
+}
+_REDUCE_CHECKS = {
+    "method": _choice(REDUCE_METHODS),
+    "keep": _int(minimum=1),
+    "metric": _str,
 }
 _FUSION_CHECKS = {
     "grid": _int(minimum=1),
@@ -360,6 +505,9 @@ _FUSION_CHECKS = {
     "width": _int(minimum=1, optional=True),
     "kernels": _choice(KERNEL_BACKENDS),
     "eps": _positive_float,
+    "levels": _int_list(1, "e.g. [12, 6, 3]: coarser square levels of the fused grid"),
+    "reduce": _reduce,
+    "pos_embed": _choice(POS_EMBEDS),
 }
 _PROJECTOR_CHECKS = {
     "type": _choice(PROJECTORS),

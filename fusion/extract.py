@@ -8,10 +8,32 @@ exists is skipped, so a killed run resumes where it stopped. An image that canno
 read is recorded in its shard's entry with the reason instead of stopping the run.
 ``manifest.json`` (all entries together) is written at the end by rank 0 / a single
 process.
+
+Under ``torchrun`` (see :func:`fusion.cli.cmd_extract`) each process passes its global
+``rank`` and ``world_size``, so the ranks write disjoint shards into one folder (on a
+filesystem they share when they run on several nodes); rank 0 writes ``manifest.json``
+after a barrier. Shard contents do not depend on the number of ranks, so a run may be
+resumed with another ``--nproc_per_node``.
+
+``cache_encoders=True`` (``extract --cache-encoders``) also stores each encoder's grid
+(the tower's ``encode`` output, before the merge) per image, in
+``encoders/shard-<i>.safetensors`` under the key ``"<image>/<encoder>"`` (``[h, w, C]``,
+in the encoder's output dtype). :class:`fusion.feature_cache.FeatureCache` reads them
+back for ``tower.merge_and_project`` (stage-1 projector training without the encoders).
+
+Before any image is encoded, ``out_dir`` is proven writable (a probe file is written
+and removed) and its free space is compared with the bytes still to write; a resumed
+run checks that the entries already there list exactly the images it would put in
+those shards (same image list and ``shard_size``). A write that fails mid-run (disk
+full) is an ``OSError`` saying that the shards before it are complete and kept.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -23,6 +45,10 @@ from .atomic import atomic_write, atomic_write_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MANIFEST_DIR = "manifest"
+ENCODER_DIR = "encoders"  # per-encoder grids of --cache-encoders
+# Free space asked for up front, as a multiple of the feature bytes still to write
+# (safetensors headers, the temporary copy of one shard, the manifest).
+SPACE_MARGIN = 1.1
 
 
 @dataclass
@@ -62,37 +88,50 @@ def shard_name(index: int) -> str:
 
 
 def extract_features(tower, image_paths: Sequence[Path], out_dir, batch_size: int = 8, shard_size: int = 64,
-                     rank: int = 0, world_size: int = 1, progress: bool = True) -> ExtractResult:
-    """Encode every image with ``tower`` into shards under ``out_dir`` (see the module docstring)."""
-    from PIL import Image
+                     rank: int = 0, world_size: int = 1, progress: bool = True,
+                     cache_encoders: bool = False) -> ExtractResult:
+    """Encode every image with ``tower`` into shards under ``out_dir`` (see the module docstring).
+
+    ``rank`` of ``world_size`` does shards ``rank, rank + world_size, ...``;
+    ``cache_encoders`` also stores each encoder's grid per image."""
     from tqdm import tqdm
+
+    from .image_io import open_image
 
     for arg, value in (("batch_size", batch_size), ("shard_size", shard_size), ("world_size", world_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg}: expected a positive int, got {value!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected an int in [0, world_size={world_size}), got {rank!r}")
     out = Path(out_dir)
-    (out / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     shards = [list(image_paths[i:i + shard_size]) for i in range(0, len(image_paths), shard_size)]
     mine = [i for i in range(len(shards)) if i % world_size == rank]
+    todo = _check_resume(out, shards, mine)
+    _check_cache_resume(out, mine, todo, cache_encoders)
+    bytes_per_image = 4 * int(getattr(tower, "num_patches", 0)) * int(getattr(tower, "hidden_size", 0))
+    if cache_encoders:
+        bytes_per_image += sum(4 * s.grid[0] * s.grid[1] * s.dim for s in tower.merge.specs)
+    check_free_space(out, sum(len(shards[i]) for i in todo) * bytes_per_image)
     result = ExtractResult()
     bar = tqdm(total=sum(len(shards[i]) for i in mine), unit="img", disable=not progress)
     tower.eval()
     for index in mine:
         name = shard_name(index)
         entry_path = out / MANIFEST_DIR / f"{name}.json"
-        if entry_path.is_file():
+        if index not in todo:
             result.skipped_shards.append(name)
             bar.update(len(shards[index]))
             continue
         features: Dict[str, torch.Tensor] = {}
+        grids_out: Dict[str, torch.Tensor] = {}  # "<image>/<encoder>" -> [h, w, C]
         failed: Dict[str, str] = {}
         for start in range(0, len(shards[index]), batch_size):
             batch_paths = shards[index][start:start + batch_size]
             images, keys = [], []
             for path in batch_paths:
                 try:
-                    with Image.open(path) as im:
-                        im.load()
+                    with open_image(path) as im:  # bounded memory, ValueError naming the file
                         images.append(im.convert("RGB"))
                     keys.append(path.name)
                 except Exception as err:  # any unreadable image is recorded, not fatal
@@ -100,31 +139,125 @@ def extract_features(tower, image_paths: Sequence[Path], out_dir, batch_size: in
             if images:
                 pixels = tower.image_processor(images)["pixel_values"]
                 with torch.inference_mode():
-                    tokens = tower(pixels).float().cpu()
+                    if cache_encoders:  # the same computation as tower(pixels), keeping the grids
+                        grids = tower.encode(pixels)
+                        tokens = tower.merge_and_project(grids).float().cpu()
+                        for enc_name, grid in grids.items():
+                            grids_out.update({f"{k}/{enc_name}": g.cpu().contiguous() for k, g in zip(keys, grid)})
+                    else:
+                        tokens = tower(pixels).float().cpu()
                 features.update({k: t.contiguous() for k, t in zip(keys, tokens)})
             bar.update(len(batch_paths))
-        if features:
-            atomic_write(out / f"{name}.safetensors", lambda tmp: save_file(features, str(tmp)))
-            result.written.append(f"{name}.safetensors")
         entry = {"shard": f"{name}.safetensors" if features else None, "images": sorted(features),
                  "failed": failed}
-        atomic_write_text(entry_path, json.dumps(entry, indent=1))
+        if cache_encoders:
+            entry["encoders"] = f"{ENCODER_DIR}/{name}.safetensors" if features else None
+        try:
+            if grids_out:  # before the entry, which marks the shard complete
+                atomic_write(out / ENCODER_DIR / f"{name}.safetensors", lambda tmp: save_file(grids_out, str(tmp)))
+            if features:
+                atomic_write(out / f"{name}.safetensors", lambda tmp: save_file(features, str(tmp)))
+            atomic_write_text(entry_path, json.dumps(entry, indent=1))
+        except OSError as err:
+            raise OSError(err.errno, f"--out: writing {name} to {str(out)!r} failed ({err.strerror or err}); "
+                          f"the {len(result.written) + len(result.skipped_shards)} shards before it are complete "
+                          f"and kept: fix the cause (free space?) and rerun the same command to resume") from err
+        if features:
+            result.written.append(f"{name}.safetensors")
         result.failed.update(failed)
         result.images += len(features)
     bar.close()
     return result
 
 
+def check_writable(out: Path) -> None:
+    """Create ``out`` (and its manifest folder) and prove it writable by writing and removing a
+    probe file, so an unwritable ``--out`` fails before any image is encoded (``OSError`` naming it)."""
+    try:
+        (out / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=out)
+        try:
+            os.write(fd, b"probe")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        raise OSError(err.errno, f"--out: cannot write to {str(out)!r} ({type(err).__name__}: "
+                                 f"{err.strerror or err}); choose a writable folder") from err
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """``OSError`` (ENOSPC) before any work when ``out``'s filesystem has less than ``needed`` bytes
+    (plus :data:`SPACE_MARGIN`) free."""
+    free = shutil.disk_usage(out).free
+    if needed and free < needed * SPACE_MARGIN:
+        raise OSError(errno.ENOSPC, f"--out: {str(out)!r} has {free / 2**20:.1f} MiB free, but the features "
+                                    f"still to write need about {needed * SPACE_MARGIN / 2**20:.1f} MiB; "
+                                    f"free some space or choose another --out")
+
+
+def _check_resume(out: Path, shards: List[List[Path]], mine: List[int]) -> List[int]:
+    """This rank's shard indexes still to do. A manifest entry left by an earlier run must list
+    exactly the images this run puts in that shard (same image list and --shard-size), else a
+    resumed run would miss or duplicate images: that is a ``ValueError``. Temporary files a
+    killed run left for this rank's shards are removed."""
+    todo = []
+    for entry_path in sorted((out / MANIFEST_DIR).glob("shard-*.json")):
+        index = int(entry_path.stem.split("-")[1])
+        expected = sorted(p.name for p in shards[index]) if index < len(shards) else []
+        entry = json.loads(entry_path.read_text(encoding="utf-8"))
+        recorded = sorted([*entry.get("images", []), *entry.get("failed", {})])
+        if recorded != expected:
+            raise ValueError(f"--out: {str(out)!r} holds {entry_path.name} from an earlier run with other images "
+                             f"or another --shard-size (it lists {recorded[:3]}{'...' if len(recorded) > 3 else ''}, "
+                             f"this run puts {expected[:3]}{'...' if len(expected) > 3 else ''} there); resume with "
+                             f"the same --images and --shard-size, or use a new --out")
+    if 0 in mine:  # rank 0 (or the only process) writes manifest.json
+        for stale in out.glob(".manifest.json.*.tmp"):
+            stale.unlink(missing_ok=True)
+    for index in mine:
+        name = shard_name(index)
+        for stale in (*out.glob(f".{name}.safetensors.*.tmp"), *(out / MANIFEST_DIR).glob(f".{name}.json.*.tmp"),
+                      *(out / ENCODER_DIR).glob(f".{name}.safetensors.*.tmp")):
+            stale.unlink(missing_ok=True)
+        if not (out / MANIFEST_DIR / f"{name}.json").is_file():
+            todo.append(index)
+    return todo
+
+
+def _check_cache_resume(out: Path, mine: List[int], todo: List[int], cache_encoders: bool) -> None:
+    """A shard done by an earlier run must have been written with the same ``cache_encoders``,
+    else the encoder cache would miss its images (or hold some and not others)."""
+    for index in mine:
+        if index in todo:
+            continue
+        entry_path = out / MANIFEST_DIR / f"{shard_name(index)}.json"
+        cached = "encoders" in json.loads(entry_path.read_text(encoding="utf-8"))
+        if cached != cache_encoders:
+            was, now = ("with", "without") if cached else ("without", "with")
+            raise ValueError(f"--cache-encoders: {str(out)!r} holds {entry_path.name} written {was} "
+                             f"--cache-encoders, and this run is {now} it; resume with the same setting, "
+                             f"or use a new --out")
+
+
 def write_manifest(out_dir, info: Optional[dict] = None) -> dict:
-    """Gather every shard entry into ``manifest.json``; returns the manifest."""
+    """Gather every shard entry into ``manifest.json``; returns the manifest.
+
+    ``encoder_shards`` (present when the shards cache encoder grids) maps each token
+    shard to its encoder-grid shard."""
     out = Path(out_dir)
-    shards, failed = {}, {}
+    shards, failed, encoder_shards = {}, {}, {}
     for entry_path in sorted((out / MANIFEST_DIR).glob("shard-*.json")):
         entry = json.loads(entry_path.read_text(encoding="utf-8"))
         if entry["shard"]:
             shards[entry["shard"]] = entry["images"]
+            if entry.get("encoders"):
+                encoder_shards[entry["shard"]] = entry["encoders"]
         failed.update(entry["failed"])
     manifest = {**(info or {}), "shards": shards, "failed": failed,
                 "num_images": sum(len(v) for v in shards.values())}
+    if encoder_shards:
+        manifest["encoder_shards"] = encoder_shards
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest

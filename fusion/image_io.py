@@ -9,9 +9,10 @@ Accepted, alone or in a list/tuple (images in a list may differ in size):
 
 - ``PIL.Image.Image`` of any mode PIL can convert to RGB. Colour conversion is PIL's
   own ``convert("RGB")``: ``L``/``1`` are replicated to grey, ``P`` goes through its
-  palette, ``CMYK``/``YCbCr`` use PIL's formulas, and ``I;16``/``I``/``F`` are *clipped*
-  to 0-255 as PIL does (not rescaled: pass ``array / 65535.0`` as a float array to
-  keep 16-bit precision).
+  palette, ``CMYK``/``YCbCr`` use PIL's formulas, ``I;16`` (16-bit grey, as a 16-bit
+  PNG opens) is divided by 65535 in float (PIL's own conversion would clip every value
+  above 255 to white), and ``I``/``F`` are *clipped* to 0-255 as PIL does (pass
+  ``array / max_value`` as a float array to keep their precision).
 - ``numpy.ndarray`` ``[H, W]`` (grey), ``[H, W, C]`` or a batch ``[B, H, W, C]``.
 - ``torch.Tensor`` ``[H, W]`` (grey), ``[C, H, W]`` or a batch ``[B, C, H, W]``.
 
@@ -91,6 +92,9 @@ def _from_pil(img, key: str, alpha: str) -> torch.Tensor:
     if img.width == 0 or img.height == 0:
         raise ValueError(f"{key}: got an empty PIL image of size {img.width}x{img.height}; "
                          f"images need at least one pixel")
+    if img.mode.startswith("I;16"):  # 16-bit grey (a 16-bit PNG): scaled, not clipped to 255 by convert()
+        grey = torch.from_numpy(np.asarray(img).astype(np.float32) / 65535.0)  # [H, W]
+        return grey.expand(1, 3, *grey.shape).contiguous()
     has_alpha = img.mode in _PIL_ALPHA_MODES or "transparency" in img.info
     target = "RGBA" if alpha == "white" and has_alpha else "RGB"
     try:
@@ -199,3 +203,83 @@ def _composite_white(x: torch.Tensor) -> torch.Tensor:
     """``[..., 4, H, W]`` RGBA in [0, 1] -> ``[..., 3, H, W]`` RGB over a white background."""
     rgb, a = x[..., :3, :, :], x[..., 3:, :, :]
     return rgb * a + (1 - a)
+
+
+# ----------------------------------------------------------------------------- files
+
+# Largest image (in pixels) that open_image decodes at full size: 2**26 is 8192 x 8192,
+# 192 MiB as 8-bit RGB (768 MiB once ImageProcessor makes it float32). A larger JPEG is
+# decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (Image.draft: the full-size
+# image is never built); a larger image of any other format is refused with a ValueError.
+MAX_DECODE_PIXELS = 1 << 26
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def open_image(path, max_pixels: int = MAX_DECODE_PIXELS):
+    """Open and decode an image file with bounded memory; returns a loaded ``PIL.Image``.
+
+    The image keeps its mode (convert with ``.convert("RGB")`` or let
+    :class:`fusion.ImageProcessor` do it). A JPEG of more than ``max_pixels`` pixels is
+    decoded at the smallest reduction (1/2, 1/4, 1/8) that fits, without building the
+    full-size image (PIL's decompression-bomb guard is replaced by this bound for JPEG);
+    any other file over the bound is a ``ValueError``. A missing file is a
+    ``FileNotFoundError``; an unreadable, truncated or non-image file a ``ValueError``
+    naming the path.
+    """
+    import os
+
+    from PIL import Image, JpegImagePlugin, UnidentifiedImageError
+
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels: expected a positive int, got {max_pixels!r}")
+    key = f"image {os.fspath(path)!r}"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{key}: no such file")
+    if os.path.isdir(path):
+        raise ValueError(f"{key}: is a folder; expected an image file (JPEG, PNG, ...)")
+    try:
+        with open(path, "rb") as f:
+            is_jpeg = f.read(3) == _JPEG_MAGIC
+        if is_jpeg:  # the plugin directly: Image.open's bomb check would refuse before draft() can shrink it
+            fp = open(path, "rb")
+            try:
+                img = JpegImagePlugin.jpeg_factory(fp, os.fspath(path))
+            except BaseException:
+                fp.close()
+                raise
+            img._exclusive_fp = True  # close the file after load(), as Image.open(path) does
+        else:
+            img = Image.open(path)
+    except UnidentifiedImageError as err:
+        raise ValueError(f"{key}: not an image file PIL can read; accepted are the formats PIL decodes "
+                         f"(JPEG, PNG, BMP, GIF, WebP, TIFF, ...)") from err
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{key}: PIL refuses to open it as a possible decompression bomb ({err}); fusion decodes "
+                         f"at most max_pixels={max_pixels} pixels (fusion.image_io.MAX_DECODE_PIXELS) and only "
+                         f"JPEG at reduced size: downscale the file first") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{key}: cannot read the image header ({type(err).__name__}: {err})") from err
+    try:
+        w, h = img.size
+        if w * h > max_pixels:
+            if img.format in ("JPEG", "MPO"):
+                for scale in (2, 4, 8):
+                    if -(-w // scale) * -(-h // scale) <= max_pixels:
+                        break
+                img.draft(img.mode, (w // scale, h // scale))
+            if img.width * img.height > max_pixels:
+                raise ValueError(
+                    f"{key}: {w}x{h} is {w * h / 1e6:.1f} M pixels, more than max_pixels={max_pixels} "
+                    f"({max_pixels / 1e6:.1f} M; fusion.image_io.MAX_DECODE_PIXELS)"
+                    + (" even at 1/8 scale" if img.format in ("JPEG", "MPO") else
+                       f"; only JPEG can be decoded at reduced size, this is {img.format}")
+                    + "; downscale the file first or pass a larger max_pixels")
+        img.load()
+    except ValueError:
+        img.close()
+        raise
+    except (OSError, SyntaxError) as err:
+        img.close()
+        raise ValueError(f"{key}: cannot decode the image ({type(err).__name__}: {err}); the file is damaged "
+                         f"or truncated: re-encode or re-download it") from err
+    return img

@@ -85,9 +85,20 @@ class BatchFeature(dict):
             raise AttributeError(f"BatchFeature has no key {name!r}; keys are {list(self)}") from None
 
     def to(self, *args, **kwargs) -> "BatchFeature":
-        """``tensor.to(*args, **kwargs)`` on every tensor value (device and/or dtype)."""
-        return BatchFeature({k: v.to(*args, **kwargs) if isinstance(v, torch.Tensor) else v
-                             for k, v in self.items()})
+        """``tensor.to(*args, **kwargs)`` on every float tensor value (device and/or dtype); integer
+        tensors (``roi_image_index``) only change device, as in Hugging Face's ``BatchFeature``."""
+        device = kwargs.get("device")
+        for a in args:
+            if isinstance(a, (str, torch.device, int)) and not isinstance(a, bool):
+                device = a
+            elif isinstance(a, torch.Tensor):
+                device = a.device
+        out = {}
+        for k, v in self.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(*args, **kwargs) if v.is_floating_point() else (v if device is None else v.to(device))
+            out[k] = v
+        return BatchFeature(out)
 
 
 class ImageProcessor:
@@ -150,24 +161,58 @@ class ImageProcessor:
             size = max(sizes)
         return cls(size=size, mode=cfg.mode)
 
-    def __call__(self, images: Any = None, return_tensors: Optional[str] = "pt") -> BatchFeature:
-        return self.preprocess(images, return_tensors=return_tensors)
+    def __call__(self, images: Any = None, return_tensors: Optional[str] = "pt", rois: Any = None) -> BatchFeature:
+        return self.preprocess(images, return_tensors=return_tensors, rois=rois)
 
-    def preprocess(self, images: Any = None, return_tensors: Optional[str] = "pt") -> BatchFeature:
+    def preprocess(self, images: Any = None, return_tensors: Optional[str] = "pt", rois: Any = None,
+                   ) -> BatchFeature:
         """``images`` (one or a list, see :mod:`fusion.image_io`) -> ``{"pixel_values": [B, 3, S, S]}``.
 
         Tensors keep their device (a list is gathered on its first element's device);
         everything else is processed on the CPU.
+
+        ``rois``: region-of-interest boxes (normalised xyxy in the frame of
+        ``pixel_values``), one entry per image, any number of boxes each (see
+        :mod:`fusion.roi`). Each is cut from the ORIGINAL image at native resolution and
+        resized to ``[3, S, S]``; the result also holds ``roi_pixel_values [R, 3, S, S]``,
+        ``roi_image_index [R]`` and ``roi_boxes [R, 4]``, which the tower takes as
+        ``tower(**out)``.
         """
         if return_tensors not in RETURN_TENSORS:
             raise ValueError(f"return_tensors: got {return_tensors!r}; accepted values are {list(RETURN_TENSORS)} "
                              f"(both give torch tensors)")
         if images is None:
             raise ValueError("images: got None; pass the image(s) to process")
-        batches = [self._square(x) for x in load_images(images, alpha=self.alpha)]
+        loaded = load_images(images, alpha=self.alpha)
+        batches = [self._square(x) for x in loaded]
         device = batches[0].device
         pixel_values = torch.cat([b.to(device) for b in batches]).contiguous()
-        return BatchFeature(pixel_values=pixel_values)
+        out = BatchFeature(pixel_values=pixel_values)
+        if rois is not None:
+            from .roi import crop_rois
+
+            originals = [img for batch in loaded for img in batch]  # each [3, H, W], before any resize
+            out.update(crop_rois(originals, rois, self))
+        return out
+
+    def frame_in_image(self, h: int, w: int) -> Tuple[float, float, float, float]:
+        """Where the output frame lies in an ``h × w`` original: ``(ox, oy, sx, sy)``.
+
+        Frame point ``(x, y)`` (normalised, as token boxes) is original pixel position
+        ``(ox + x * sx, oy + y * sy)``. ``squash``: the whole image; ``pad``: the padded
+        square (negative offsets over the padding); ``crop``: the centre crop.
+        """
+        s = self.image_size
+        if self.mode == "squash" or h == w:
+            return 0.0, 0.0, float(w), float(h)
+        if self.mode == "pad":
+            side = max(h, w)
+            return -float((side - w) // 2), -float((side - h) // 2), float(side), float(side)
+        if w > h:  # crop, landscape: resized width int(s * w / h), cropped at round((nw - s) / 2)
+            nw = int(s * w / h)
+            return int(round((nw - s) / 2.0)) * w / nw, 0.0, s * w / nw, float(h)
+        nh = int(s * h / w)
+        return 0.0, int(round((nh - s) / 2.0)) * h / nh, float(w), s * h / nh
 
     def _square(self, x: torch.Tensor) -> torch.Tensor:
         """``[n, 3, H, W]`` in [0, 1] -> ``[n, 3, S, S]`` according to ``mode``."""

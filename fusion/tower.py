@@ -11,6 +11,7 @@ It also satisfies LLaVA's vision-tower contract (``hidden_size``, ``num_patches`
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -19,12 +20,15 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .boxes import BoxLike, tokens_in
 from .config import ConfigSource, Overrides, TowerConfig, load_config
 from .encoders.base import Encoder
 from .encoders.registry import get_encoder_class
 from .merge import FusionMerge, GridSpec, Segment
+from .multiscale import encode_scales, is_multiscale, scaled_dim, scaled_input_specs, scaled_name, scales_of
 from .preprocess import EncoderInputs, ImageProcessor
 from .projector import build_projector, projector_out_dim
+from .roi import check_roi_inputs
 
 WEIGHT_MODES = ("pretrained", "random")
 
@@ -34,11 +38,17 @@ class TowerOutput:
     """What ``tower(pixel_values, return_dict=True)`` returns.
 
     - ``tokens``: ``[B, N, D]`` fused, projected tokens.
-    - ``encoder_grids``: encoder name -> ``[B, h, w, C]`` (the encoder's selected layer).
-    - ``token_boxes``: ``[N, 4]`` normalised xyxy image region of each token.
-    - ``segments``: ``(label, start, end)`` slices of the token sequence.
+    - ``encoder_grids``: encoder name -> ``[B, h, w, C]`` (the encoder's selected layer;
+      ``C × len(scales)`` channels for a multi-scale encoder).
+    - ``token_boxes``: normalised xyxy image region of each token: ``[N, 4]`` when every
+      image has the same layout, ``[B, N, 4]`` when it differs per image
+      (``fusion.reduce`` on, or ROI crops given).
+    - ``segments``: ``(label, start, end)`` slices of the token sequence: ``fused`` (one
+      per encoder for ``sequence_concat``), ``level<l>``, ``roi<k>``.
     - ``hidden_states``: each encoder's grid flattened ``[B, h*w, C]`` (encoder order),
       then the fused tokens before the projector ``[B, N, C_fused]``, then ``tokens``.
+    - ``token_sizes``: ``None`` without ``fusion.reduce``; else ``[B, N]``, how many fused
+      grid tokens each token merges (1 for level and ROI tokens).
     """
 
     tokens: torch.Tensor
@@ -46,6 +56,18 @@ class TowerOutput:
     token_boxes: torch.Tensor
     segments: List[Segment]
     hidden_states: Tuple[torch.Tensor, ...] = field(default_factory=tuple)
+    token_sizes: Optional[torch.Tensor] = None
+
+    def tokens_in(self, box: BoxLike, min_overlap: float = 0.0) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """Indices of the tokens whose region overlaps ``box`` (normalised xyxy, a tensor ``[4]``
+        or box text).
+
+        Rule: the token's box and ``box`` intersect with positive area (touching edges do
+        not count) and the intersection covers at least ``min_overlap`` of the token's own
+        area (``1.0``: tokens entirely inside ``box``). Returns an int64 tensor of indices
+        into the sequence, or a list of ``B`` of them when ``token_boxes`` is per image.
+        """
+        return tokens_in(self.token_boxes, box, min_overlap)
 
 
 def _encoder_seed(seed: int, name: str) -> int:
@@ -74,10 +96,11 @@ class MultiEncoderTower(nn.Module):
                 torch.manual_seed(_encoder_seed(seed, name))
                 encoders[name] = get_encoder_class(enc_cfg.type, key=f"encoders.{name}.type")(enc_cfg, load_weights)
         self.encoders = nn.ModuleDict(encoders)
-        self.encoder_inputs = EncoderInputs(list(self.encoders.values()))
+        # plain inputs, then the s·S inputs of multi-scale encoders (none without `scales`)
+        self.encoder_inputs = EncoderInputs(list(self.encoders.values()) + scaled_input_specs(self.encoders.values()))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_encoder_seed(seed, "merge+projector"))
-            specs = [GridSpec(name, tuple(enc.grid), enc.dim) for name, enc in self.encoders.items()]
+            specs = [GridSpec(name, tuple(enc.grid), scaled_dim(enc)) for name, enc in self.encoders.items()]
             self.merge = FusionMerge(specs, config.fusion)
             self.projector = build_projector(config.projector, self.merge.out_dim)
         size = config.processor.size or max(enc.image_size for enc in self.encoders.values())
@@ -99,7 +122,8 @@ class MultiEncoderTower(nn.Module):
 
     @property
     def num_patches(self) -> int:
-        """Number of output tokens ``N`` per image."""
+        """Number of output tokens ``N`` per image: the fused grid (or ``fusion.reduce.keep``)
+        plus ``fusion.levels``; each ROI crop passed to ``forward`` adds ``merge.grid_tokens``."""
         return self.merge.num_tokens
 
     @property
@@ -137,33 +161,86 @@ class MultiEncoderTower(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def encode(self, pixel_values: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Each encoder's grid: name -> ``[B, h, w, C]``. Frozen encoders run without autograd."""
+        """Each encoder's grid: name -> ``[B, h, w, C]`` (``C × len(scales)`` for a multi-scale
+        encoder, see :mod:`fusion.multiscale`). Frozen encoders run without autograd."""
         pixel_values = self._check_pixels(pixel_values)
         inputs = self.encoder_inputs(pixel_values)
         grids = {}
         for name, enc in self.encoders.items():
-            x = inputs[name].to(self._encoder_dtype(enc))
-            if enc.frozen:
-                with torch.no_grad():
-                    grids[name] = enc(x)
-            else:
-                grids[name] = enc(x)
+            dtype = self._encoder_dtype(enc)
+            with torch.no_grad() if enc.frozen else contextlib.nullcontext():
+                if is_multiscale(enc):
+                    scales = scales_of(enc)
+                    grids[name] = encode_scales(enc, [inputs[scaled_name(name, s)].to(dtype) for s in scales],
+                                                scales, backend=self.config.fusion.kernels)
+                else:
+                    grids[name] = enc(inputs[name].to(dtype))
         return grids
 
     def merge_and_project(self, encoder_grids: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """The merge and the projector on precomputed encoder grids: ``[B, N, D]``."""
-        return self.projector(self.merge(encoder_grids))
+        """The merge (with levels, reduction, position embedding) and the projector on
+        precomputed encoder grids: ``[B, N, D]``. ``encoder_grids``: encoder name ->
+        ``[B, h, w, C]``, as :meth:`encode` returns them (or a
+        :class:`fusion.feature_cache.FeatureCache` holds them); moved to the tower's device."""
+        return self.projector(self.merge.sequence(self._check_grids(encoder_grids)).tokens)
+
+    def _check_grids(self, grids: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One float ``[B, h, w, C]`` grid per encoder, each of its encoder's shape, on the tower's device."""
+        if not isinstance(grids, dict):
+            raise TypeError(f"encoder_grids: expected a dict of encoder name -> [B, h, w, C] tensor, "
+                            f"got {type(grids).__name__}")
+        missing = [name for name in self.encoders if name not in grids]
+        unexpected = [name for name in grids if name not in self.encoders]
+        if missing or unexpected:
+            raise ValueError(f"encoder_grids: expected one grid per encoder {list(self.encoders)}; "
+                             f"missing {missing}, unexpected {unexpected}")
+        device, batch, out = self.device, None, {}
+        for spec in self.merge.specs:
+            g = grids[spec.name]
+            want = f"[B, {spec.grid[0]}, {spec.grid[1]}, {spec.dim}]"
+            if not isinstance(g, torch.Tensor) or g.dim() != 4 or tuple(g.shape[1:]) != (*spec.grid, spec.dim):
+                got = list(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+                raise ValueError(f"encoder_grids[{spec.name!r}]: expected {want}, got {got}")
+            if not g.is_floating_point():
+                raise TypeError(f"encoder_grids[{spec.name!r}]: expected a float tensor, got dtype {g.dtype}")
+            if batch is not None and g.shape[0] != batch:
+                raise ValueError(f"encoder_grids[{spec.name!r}]: batch size {g.shape[0]} differs from the "
+                                 f"other grids' {batch}")
+            batch = g.shape[0]
+            out[spec.name] = g if g.device == device else g.to(device)
+        return out
 
     def forward(self, pixel_values: torch.Tensor, return_dict: bool = False,
-                ) -> Union[torch.Tensor, TowerOutput]:
-        grids = self.encode(pixel_values)
-        fused = self.merge(grids)
-        tokens = self.projector(fused)
+                roi_pixel_values: Optional[torch.Tensor] = None, roi_boxes: Optional[torch.Tensor] = None,
+                roi_image_index: Optional[torch.Tensor] = None) -> Union[torch.Tensor, TowerOutput]:
+        """``pixel_values [B, 3, H, W]`` -> tokens ``[B, N, D]`` (or a :class:`TowerOutput`).
+
+        ROI crops (Chain-of-Spot, :mod:`fusion.roi`): ``roi_pixel_values [R, 3, S, S]``,
+        ``roi_boxes [R, 4]`` and ``roi_image_index [R]`` as returned by
+        ``tower.image_processor(images, rois=...)`` (so ``tower(**batch)`` works). Every
+        encoder encodes the crops; each image gets its crops' fused tokens appended after
+        its own (segments ``roi0``, ``roi1``, ...). Every image needs the same number of
+        crops ``r``; then ``N = num_patches + r * merge.grid_tokens``.
+        """
+        pixel_values = self._check_pixels(pixel_values)
+        B = pixel_values.shape[0]
+        rois = check_roi_inputs(roi_pixel_values, roi_boxes, roi_image_index, B, self.device)
+        if rois is None:
+            grids, roi_grids = self.encode(pixel_values), None
+        elif rois.pixel_values.shape[2:] == pixel_values.shape[2:]:  # one encoder batch for images and crops
+            both = self.encode(torch.cat([pixel_values, rois.pixel_values]))
+            grids = {name: g[:B] for name, g in both.items()}
+            roi_grids = {name: g[B:] for name, g in both.items()}
+        else:
+            grids, roi_grids = self.encode(pixel_values), self.encode(rois.pixel_values)
+        merged = self.merge.sequence(grids, roi_grids, roi_boxes=None if rois is None else rois.boxes,
+                                     roi_order=None if rois is None else rois.order)
+        tokens = self.projector(merged.tokens)
         if not return_dict:
             return tokens
-        hidden = tuple(g.flatten(1, 2) for g in grids.values()) + (fused, tokens)
-        return TowerOutput(tokens=tokens, encoder_grids=grids, token_boxes=self.merge.token_boxes(),
-                           segments=self.merge.segments(), hidden_states=hidden)
+        hidden = tuple(g.flatten(1, 2) for g in grids.values()) + (merged.tokens, tokens)
+        return TowerOutput(tokens=tokens, encoder_grids=grids, token_boxes=merged.boxes,
+                           segments=merged.segments, hidden_states=hidden, token_sizes=merged.sizes)
 
     def _encoder_dtype(self, enc: Encoder) -> torch.dtype:
         for p in enc.parameters():
@@ -189,6 +266,15 @@ class MultiEncoderTower(nn.Module):
         if not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values: contains NaN or infinite values")
         return pixel_values
+
+    # ------------------------------------------------------------------ distributed
+
+    def fsdp_units(self) -> List[nn.Module]:
+        """Modules to shard with FSDP, innermost first: every encoder block, each encoder, the
+        projector (see :mod:`fusion.distributed`; ``fusion.distributed.shard_tower`` applies FSDP2)."""
+        from .distributed import fsdp_units
+
+        return fsdp_units(self)
 
     # ------------------------------------------------------------------ persistence
 

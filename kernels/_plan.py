@@ -14,15 +14,18 @@ Block sizes:
   file for ``C <= 512`` and bounded for wider grids, where the LayerNorm needs all
   channels at once.
 - ``DOT_MIN = 16``: ``tl.dot`` needs every dimension >= 16.
-- ``MIN_BAND_ROWS = 8``: splitting rows into bands buys parallelism for small batches;
-  each band boundary re-reads at most one or two input rows, so bands are kept >= 8
-  output rows long (<= 8 % extra reads on a 27-row grid).
+- Row bands buy parallelism for small batches on a GPU, at the price of re-reading
+  what neighbouring bands share (hits in L2 on a GPU, but counted by the traffic
+  check). A forward band boundary re-reads at most one input row: ``FWD_BAND_ROWS =
+  12`` input rows per band keeps that under ~4 %. A backward boundary recomputes the
+  output rows on both sides (their whole input windows) and re-reads their gradient
+  rows: ``BWD_BAND_ROWS = 32`` input rows per band keeps that under ~5 %.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,7 +33,8 @@ from ._weights import _matrix_rows, tap_ranges
 
 TILE_BUDGET = 8192
 DOT_MIN = 16
-MIN_BAND_ROWS = 8
+FWD_BAND_ROWS = 12
+BWD_BAND_ROWS = 32
 
 
 def next_pow2(n: int) -> int:
@@ -104,27 +108,27 @@ class MergePlan:
 
 
 @functools.lru_cache(maxsize=512)
-def merge_plan(h: int, w: int, H: int, W: int, C: int, mode: str, row_blocks: int = 1) -> MergePlan:
+def merge_plan(h: int, w: int, H: int, W: int, C: int, mode: str,
+               fwd_bands: int = 1, bwd_bands: int = 1) -> MergePlan:
+    """Blocks for ``[h, w] -> [H, W]`` with ``C`` channels and the given band counts."""
     BC = channel_block(C)
     rows_fit = max(1, pow2_floor(TILE_BUDGET // BC))
     BX = max(DOT_MIN, min(next_pow2(W), rows_fit))
     n_cb = -(-W // BX)
-    nb = max(1, min(row_blocks, H // MIN_BAND_ROWS if H >= MIN_BAND_ROWS else 1))
-    fwd_bands = tuple((H * i // nb, H * (i + 1) // nb) for i in range(nb))
+    nb = max(1, min(fwd_bands, H))
+    fwd = tuple((H * i // nb, H * (i + 1) // nb) for i in range(nb))
 
     BJO = max(DOT_MIN, min(next_pow2(w), rows_fit))
     bwd_cols = tuple(_covering(w, W, mode, j, min(j + BJO, w)) for j in range(0, w, BJO))
     BXO = max(DOT_MIN, next_pow2(max(b - a for a, b in bwd_cols)))
-    nbb = max(1, min(row_blocks, h // MIN_BAND_ROWS if h >= MIN_BAND_ROWS else 1))
-    bwd_bands = []
-    for i in range(nbb):
-        r0, r1 = h * i // nbb, h * (i + 1) // nbb
-        bwd_bands.append((r0, r1) + _covering(h, H, mode, r0, r1))
+    nbb = max(1, min(bwd_bands, h))
+    bwd = tuple((h * i // nbb, h * (i + 1) // nbb) + _covering(h, H, mode, h * i // nbb, h * (i + 1) // nbb)
+                for i in range(nbb))
     cols = tap_ranges(w, W, mode)
     span_f = max(cols[min(x + BX, W) - 1][1] - cols[x][0] for x in range(0, W, BX))
     span_b = max(cols[b - 1][1] - cols[a][0] for a, b in bwd_cols if b > a)
-    return MergePlan(BC, BX, n_cb, fwd_bands, _step(span_f, rows_fit), BJO, BXO, bwd_cols,
-                     tuple(bwd_bands), _step(span_b, rows_fit))
+    return MergePlan(BC, BX, n_cb, fwd, _step(span_f, rows_fit), BJO, BXO, bwd_cols, bwd,
+                     _step(span_b, rows_fit))
 
 
 def _step(span: int, rows_fit: int) -> int:
@@ -132,12 +136,30 @@ def _step(span: int, rows_fit: int) -> int:
     return max(DOT_MIN, min(next_pow2(span), rows_fit))
 
 
-def default_row_blocks(device: torch.device, batch: int, col_blocks: int) -> int:
-    """Row bands to give a GPU about two programs per SM; one band elsewhere."""
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 elsewhere (one band)."""
     if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, -(-2 * sms // max(1, batch * col_blocks)))
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def band_counts(h: int, H: int, batch: int, fwd_col_blocks: int, bwd_col_blocks: int,
+                sms: int) -> Tuple[int, int]:
+    """(forward, backward) row bands: about two programs per SM, within the re-read caps."""
+    if sms <= 0:
+        return 1, 1
+    want_f = -(-2 * sms // max(1, batch * fwd_col_blocks))
+    want_b = -(-2 * sms // max(1, batch * bwd_col_blocks))
+    return (max(1, min(want_f, h // FWD_BAND_ROWS, H)), max(1, min(want_b, h // BWD_BAND_ROWS)))
+
+
+def plan_for(h: int, w: int, H: int, W: int, C: int, mode: str, batch: int, sms: int,
+             bands: Optional[Tuple[int, int]] = None) -> MergePlan:
+    """The plan a launch uses: explicit ``bands``, else :func:`band_counts` for ``sms``."""
+    if bands is None:
+        base = merge_plan(h, w, H, W, C, mode)
+        bands = band_counts(h, H, batch, base.n_cb, len(base.bwd_cols), sms)
+    return merge_plan(h, w, H, W, C, mode, *bands)
 
 
 _BLOCK_TABLES: Dict[tuple, torch.Tensor] = {}
@@ -152,8 +174,9 @@ def int_table(rows: Sequence[Sequence[int]], device) -> torch.Tensor:
 
 
 def num_warps_for(elems: int) -> int:
-    """4 warps per 2K-element tile, up to 16."""
-    return max(4, min(16, next_pow2(elems // 512)))
+    """One warp per 256 tile elements (4..32): ptxas' spills for the vsre shapes were
+    lowest there (``bench_kernels.py --ptx-report``; not yet timed on a GPU)."""
+    return max(4, min(32, next_pow2(elems // 256)))
 
 
 def pyramid_tables(levels: Sequence[Tuple[int, int]], device) -> Tuple[torch.Tensor, int]:

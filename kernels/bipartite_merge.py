@@ -19,15 +19,19 @@ The Triton path, three kernels:
 1. ``_bipartite_match_kernel``: each program owns ``BLOCK_A`` A tokens and streams B in
    ``BLOCK_B`` blocks (``BLOCK_K`` metric channels at a time), keeping a running row
    max/argmax, flash-attention style: the ``N_A × N_B`` score matrix is never
-   materialised. Dot products run in exact fp32 (``input_precision="ieee"``, no TF32),
-   so decisions match the fp32 reference up to summation order.
+   materialised. Inverse norms ``[B, N]`` are computed once beforehand (one read of the
+   metric); B tiles are scaled by them, the A norm scales the best score at the end.
+   Dot products run in exact fp32 (``input_precision="ieee"``, no TF32), the same
+   products as the reference, so decisions match it up to summation order.
 2. The ranking (a sort of ``N_A`` scalars per image) and the source lists are plain
    torch between the kernels: ``assignment`` is stably sorted, giving each output's
    source tokens contiguously and in increasing input order (a CSR list).
 3. ``_gather_merge_kernel``: each program owns ``BLOCK_M`` output tokens × ``BLOCK_C``
    channels and sums its sources in that fixed order, in fp32: deterministic, no
-   atomics. ``_gather_merge_backward_kernel`` is the gather
-   ``grad_x[i] = grad_merged[assignment[i]] * s_i / S_assignment[i]``.
+   atomics. ``_gather_merge_backward_kernel`` walks the same lists:
+   ``grad_x[i] = grad_merged[o] * s_i / S_o`` for each source ``i`` of output ``o``, so
+   each grad row is read once and each ``grad_x`` row written once (every input has
+   exactly one output: no two programs write the same row, no atomics).
 
 Gradients flow to ``x`` only: the decisions are discrete, ``metric`` and ``sizes`` get none.
 """
@@ -39,19 +43,13 @@ import torch
 
 from . import _validate as V
 from .bipartite_reference import (
-    NORM_EPS,
     bipartite_assignment,
+    inverse_norms,
     bipartite_merge_reference,
     merge_by_assignment_reference,
 )
 
-try:
-    import triton
-    import triton.language as tl
-
-    _TRITON_OK = True
-except ImportError:  # Triton ships for Linux only; the reference path still works elsewhere
-    _TRITON_OK = False
+from ._triton import HAVE_TRITON, tl, triton, triton_runs_on
 
 # ---------------------------------------------------------------------------- constants
 # A tokens per match program. 64 rows x 64 columns of fp32 scores is 16 KiB of
@@ -67,140 +65,136 @@ _MATCH_BLOCK_K = 32
 _MERGE_BLOCK_M = 16
 # Channels per merge program: 128 fp32 accumulators per row, 16x128 = 8 KiB per program.
 _MERGE_BLOCK_C = 128
-# Input tokens per backward program and channels per program, same reasoning.
-_BWD_BLOCK_N = 16
-_BWD_BLOCK_C = 128
 # dtypes the kernels load (they compute in fp32); fp64 stays on the reference path.
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ---------------------------------------------------------------------------- kernels
-if _TRITON_OK:
+@triton.jit
+def _bipartite_match_kernel(
+    M, INV, BEST, PARTNER,                # metric [B, N, Cm]; inv norms fp32 [B, N]; outputs [B, N_A]
+    N, N_A, N_B, Cm,
+    stride_b, stride_n, stride_c,         # metric strides (elements)
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Row max / argmax over j of a_i · (b_j / |b_j|), streamed over B blocks; best *= 1/|a_i|."""
+    pid_a = tl.program_id(0)
+    bb = tl.program_id(1).to(tl.int64)
+    base = M + bb * stride_b
+    inv_base = INV + bb * N
+    ia = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_mask = ia < N_A
+    a_rows = (2 * ia).to(tl.int64) * stride_n           # A token i is token 2i
+    kk0 = tl.arange(0, BLOCK_K)
 
-    @triton.jit
-    def _bipartite_match_kernel(
-        M, BEST, PARTNER,                     # metric [B, N, Cm]; outputs [B, N_A] fp32 / int64
-        N_A, N_B, Cm,
-        stride_b, stride_n, stride_c,         # metric strides (elements)
-        EPS,
-        BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        """Row max / argmax of cosine(A_i, B_j) over j, streamed over B blocks."""
-        pid_a = tl.program_id(0)
-        bb = tl.program_id(1).to(tl.int64)
-        base = M + bb * stride_b
-        ia = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
-        a_mask = ia < N_A
-        a_rows = (2 * ia).to(tl.int64) * stride_n           # A token i is token 2i
-        kk0 = tl.arange(0, BLOCK_K)
-
-        sq_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+    best = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
+    arg = tl.zeros([BLOCK_A], dtype=tl.int32)
+    for b0 in range(0, N_B, BLOCK_B):
+        ib = b0 + tl.arange(0, BLOCK_B)
+        b_mask = ib < N_B
+        b_rows = (2 * ib + 1).to(tl.int64) * stride_n   # B token j is token 2j+1
+        inv_b = tl.load(inv_base + 2 * ib + 1, mask=b_mask, other=0.0)
+        dot = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
         for k0 in range(0, Cm, BLOCK_K):
             kk = k0 + kk0
+            k_mask = (kk < Cm)[None, :]
             a = tl.load(base + a_rows[:, None] + kk[None, :] * stride_c,
-                        mask=a_mask[:, None] & (kk < Cm)[None, :], other=0.0).to(tl.float32)
-            sq_a += tl.sum(a * a, axis=1)
-        inv_a = 1.0 / tl.maximum(tl.sqrt(sq_a), EPS)
+                        mask=a_mask[:, None] & k_mask, other=0.0).to(tl.float32)
+            b = tl.load(base + b_rows[:, None] + kk[None, :] * stride_c,
+                        mask=b_mask[:, None] & k_mask, other=0.0).to(tl.float32)
+            dot += tl.dot(a, tl.trans(b * inv_b[:, None]), input_precision="ieee")
+        s = tl.where(b_mask[None, :], dot, float("-inf"))
+        blk_max = tl.max(s, axis=1)
+        blk_arg = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32) + b0
+        upd = blk_max > best                            # strict: earlier block wins ties
+        best = tl.where(upd, blk_max, best)
+        arg = tl.where(upd, blk_arg, arg)
 
-        best = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
-        arg = tl.zeros([BLOCK_A], dtype=tl.int32)
-        for b0 in range(0, N_B, BLOCK_B):
-            ib = b0 + tl.arange(0, BLOCK_B)
-            b_mask = ib < N_B
-            b_rows = (2 * ib + 1).to(tl.int64) * stride_n   # B token j is token 2j+1
-            dot = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
-            sq_b = tl.zeros([BLOCK_B], dtype=tl.float32)
-            for k0 in range(0, Cm, BLOCK_K):
-                kk = k0 + kk0
-                k_mask = (kk < Cm)[None, :]
-                a = tl.load(base + a_rows[:, None] + kk[None, :] * stride_c,
-                            mask=a_mask[:, None] & k_mask, other=0.0).to(tl.float32)
-                b = tl.load(base + b_rows[:, None] + kk[None, :] * stride_c,
-                            mask=b_mask[:, None] & k_mask, other=0.0).to(tl.float32)
-                dot += tl.dot(a, tl.trans(b), input_precision="ieee")
-                sq_b += tl.sum(b * b, axis=1)
-            inv_b = 1.0 / tl.maximum(tl.sqrt(sq_b), EPS)
-            s = dot * inv_a[:, None] * inv_b[None, :]
-            s = tl.where(b_mask[None, :], s, float("-inf"))
-            blk_max = tl.max(s, axis=1)
-            blk_arg = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int32) + b0
-            upd = blk_max > best                            # strict: earlier block wins ties
-            best = tl.where(upd, blk_max, best)
-            arg = tl.where(upd, blk_arg, arg)
+    inv_a = tl.load(inv_base + 2 * ia, mask=a_mask, other=0.0)
+    out = bb * N_A + ia
+    tl.store(BEST + out, best * inv_a, mask=a_mask)
+    tl.store(PARTNER + out, arg.to(tl.int64), mask=a_mask)
 
-        out = bb * N_A + ia
-        tl.store(BEST + out, best, mask=a_mask)
-        tl.store(PARTNER + out, arg.to(tl.int64), mask=a_mask)
+@triton.jit
+def _gather_merge_kernel(
+    X, S, SRC, OFFS, OUT, OUT_S,          # x [B,N,C]; sizes fp32 [B,N]; src [B,N]; offs [B,n_out+1]
+    N, n_out, C,
+    stride_xb, stride_xn, stride_xc,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[o] = Σ_{i in src[offs[o]:offs[o+1]]} (s_i / S_o) x_i, sources in list order."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    bb = tl.program_id(2).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = rows < n_out
+    offs = OFFS + bb * (n_out + 1)
+    start = tl.load(offs + rows, mask=r_mask, other=0)
+    cnt = tl.load(offs + rows + 1, mask=r_mask, other=0) - start
+    max_cnt = tl.max(cnt, axis=0)
+    src_base = SRC + bb * N
+    s_base = S + bb * N
 
-    @triton.jit
-    def _gather_merge_kernel(
-        X, S, SRC, OFFS, OUT, OUT_S,          # x [B,N,C]; sizes fp32 [B,N]; src [B,N]; offs [B,n_out+1]
-        N, n_out, C,
-        stride_xb, stride_xn, stride_xc,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):
-        """out[o] = Σ_{i in src[offs[o]:offs[o+1]]} (s_i / S_o) x_i, sources in list order."""
-        pid_m = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        bb = tl.program_id(2).to(tl.int64)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        r_mask = rows < n_out
-        offs = OFFS + bb * (n_out + 1)
-        start = tl.load(offs + rows, mask=r_mask, other=0)
-        cnt = tl.load(offs + rows + 1, mask=r_mask, other=0) - start
-        max_cnt = tl.max(cnt, axis=0)
-        src_base = SRC + bb * N
-        s_base = S + bb * N
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)          # S_o, summed in list order
+    for j in range(0, max_cnt):
+        valid = j < cnt
+        src = tl.load(src_base + start + j, mask=valid, other=0)
+        den += tl.load(s_base + src, mask=valid, other=0.0).to(tl.float32)
+    den_safe = tl.where(den > 0.0, den, 1.0)
 
-        den = tl.zeros([BLOCK_M], dtype=tl.float32)          # S_o, summed in list order
-        for j in range(0, max_cnt):
-            valid = j < cnt
-            src = tl.load(src_base + start + j, mask=valid, other=0)
-            den += tl.load(s_base + src, mask=valid, other=0.0).to(tl.float32)
-        den_safe = tl.where(den > 0.0, den, 1.0)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = cols < C
+    x_base = X + bb * stride_xb
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for j in range(0, max_cnt):
+        valid = j < cnt
+        src = tl.load(src_base + start + j, mask=valid, other=0)
+        w = tl.load(s_base + src, mask=valid, other=0.0).to(tl.float32) / den_safe
+        xv = tl.load(x_base + src[:, None] * stride_xn + cols[None, :] * stride_xc,
+                     mask=valid[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        acc += w[:, None] * xv
 
-        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_mask = cols < C
-        x_base = X + bb * stride_xb
-        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        for j in range(0, max_cnt):
-            valid = j < cnt
-            src = tl.load(src_base + start + j, mask=valid, other=0)
-            w = tl.load(s_base + src, mask=valid, other=0.0).to(tl.float32) / den_safe
-            xv = tl.load(x_base + src[:, None] * stride_xn + cols[None, :] * stride_xc,
-                         mask=valid[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
-            acc += w[:, None] * xv
+    out_rows = bb * n_out + rows
+    tl.store(OUT + out_rows[:, None] * C + cols[None, :], acc.to(OUT.dtype.element_ty),
+             mask=r_mask[:, None] & c_mask[None, :])
+    if pid_c == 0:
+        tl.store(OUT_S + out_rows, den, mask=r_mask)
 
-        out_rows = bb * n_out + rows
-        tl.store(OUT + out_rows[:, None] * C + cols[None, :], acc.to(OUT.dtype.element_ty),
-                 mask=r_mask[:, None] & c_mask[None, :])
-        if pid_c == 0:
-            tl.store(OUT_S + out_rows, den, mask=r_mask)
+@triton.jit
+def _gather_merge_backward_kernel(
+    G, S, OUT_S, SRC, OFFS, GX,           # grad [B,n_out,C]; sizes fp32 [B,N]; [B,n_out]; CSR [B,N], [B,n_out+1]; [B,N,C]
+    N, n_out, C,
+    stride_gb, stride_gn, stride_gc,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """grad_x[i] = grad[o] * s_i / S_o for each source i of output o.
 
-    @triton.jit
-    def _gather_merge_backward_kernel(
-        G, S, OUT_S, ASSIGN, GX,              # grad [B,n_out,C]; sizes fp32 [B,N]; [B,n_out]; [B,N]; [B,N,C]
-        N, n_out, C,
-        stride_gb, stride_gn, stride_gc,
-        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):
-        """grad_x[i] = grad[assign[i]] * s_i / S_assign[i] (a gather: no atomics)."""
-        pid_n = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        bb = tl.program_id(2).to(tl.int64)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        r_mask = rows < N
-        o = tl.load(ASSIGN + bb * N + rows, mask=r_mask, other=0)
-        s = tl.load(S + bb * N + rows, mask=r_mask, other=0.0).to(tl.float32)
-        tot = tl.load(OUT_S + bb * n_out + o, mask=r_mask, other=1.0).to(tl.float32)
-        w = s / tl.where(tot > 0.0, tot, 1.0)
-        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_mask = cols < C
-        m2 = r_mask[:, None] & c_mask[None, :]
-        g = tl.load(G + bb * stride_gb + o[:, None] * stride_gn + cols[None, :] * stride_gc,
-                    mask=m2, other=0.0).to(tl.float32)
-        tl.store(GX + (bb * N + rows)[:, None] * C + cols[None, :],
-                 (w[:, None] * g).to(GX.dtype.element_ty), mask=m2)
+    Programs own outputs, like the forward: each grad row is read once and written to
+    its sources' rows. Every input token is the source of exactly one output, so no two
+    programs write the same element: no atomics, every grad_x row written once.
+    """
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    bb = tl.program_id(2).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = rows < n_out
+    offs = OFFS + bb * (n_out + 1)
+    start = tl.load(offs + rows, mask=r_mask, other=0)
+    cnt = tl.load(offs + rows + 1, mask=r_mask, other=0) - start
+    max_cnt = tl.max(cnt, axis=0)
+    tot = tl.load(OUT_S + bb * n_out + rows, mask=r_mask, other=1.0)
+    tot = tl.where(tot > 0.0, tot, 1.0)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = cols < C
+    g = tl.load(G + bb * stride_gb + rows[:, None] * stride_gn + cols[None, :] * stride_gc,
+                mask=r_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+    src_base = SRC + bb * N
+    for j in range(0, max_cnt):
+        valid = j < cnt
+        src = tl.load(src_base + start + j, mask=valid, other=0)
+        w = tl.load(S + bb * N + src, mask=valid, other=0.0) / tot
+        tl.store(GX + (bb * N + src)[:, None] * C + cols[None, :],
+                 (w[:, None] * g).to(GX.dtype.element_ty), mask=valid[:, None] & c_mask[None, :])
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -221,10 +215,11 @@ def _match_triton(metric: torch.Tensor, block_a: int = _MATCH_BLOCK_A, block_b: 
         return best, partner
     if n_b == 0:
         return best.fill_(float("-inf")), partner.zero_()
+    inv = inverse_norms(metric).contiguous()           # [B, N] fp32: one read of metric
     grid = (triton.cdiv(n_a, block_a), Bsz)
     _bipartite_match_kernel[grid](
-        metric, best, partner, n_a, n_b, Cm,
-        metric.stride(0), metric.stride(1), metric.stride(2), NORM_EPS,
+        metric, inv, best, partner, N, n_a, n_b, Cm,
+        metric.stride(0), metric.stride(1), metric.stride(2),
         BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_K=block_k,
     )
     return best, partner
@@ -257,20 +252,23 @@ def _merge_triton(x: torch.Tensor, sizes: torch.Tensor, src: torch.Tensor, offse
 
 
 def _merge_backward_triton(grad: torch.Tensor, sizes: torch.Tensor, merged_sizes: torch.Tensor,
-                           assignment: torch.Tensor, dtype: torch.dtype,
-                           block_n: int = _BWD_BLOCK_N, block_c: int = _BWD_BLOCK_C) -> torch.Tensor:
-    """``grad [B, n_out, C]`` -> ``grad_x [B, N, C]`` in ``dtype``."""
+                           src: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype,
+                           block_m: int = _MERGE_BLOCK_M, block_c: int = _MERGE_BLOCK_C) -> torch.Tensor:
+    """``grad [B, n_out, C]`` (any strides) -> ``grad_x [B, N, C]`` in ``dtype``; CSR as the forward."""
     Bsz, n_out, C = grad.shape
-    N = assignment.shape[1]
-    sizes, merged_sizes, assignment = (t.contiguous() for t in (sizes, merged_sizes, assignment))
+    N = src.shape[1]
+    if tuple(merged_sizes.shape) != (Bsz, n_out) or tuple(offsets.shape) != (Bsz, n_out + 1):
+        raise ValueError(f"merged_sizes must be [B, n_out] = [{Bsz}, {n_out}] and offsets [B, n_out + 1]; got "
+                         f"{tuple(merged_sizes.shape)}, {tuple(offsets.shape)}")
+    sizes, merged_sizes, src, offsets = (t.contiguous() for t in (sizes, merged_sizes, src, offsets))
     grad_x = torch.empty((Bsz, N, C), dtype=dtype, device=grad.device)
     if grad_x.numel() == 0:
         return grad_x
-    grid = (triton.cdiv(N, block_n), triton.cdiv(C, block_c), Bsz)
+    grid = (triton.cdiv(n_out, block_m), triton.cdiv(C, block_c), Bsz)
     _gather_merge_backward_kernel[grid](
-        grad, sizes, merged_sizes, assignment, grad_x, N, n_out, C,
+        grad, sizes, merged_sizes, src, offsets, grad_x, N, n_out, C,
         grad.stride(0), grad.stride(1), grad.stride(2),
-        BLOCK_N=block_n, BLOCK_C=block_c,
+        BLOCK_M=block_m, BLOCK_C=block_c,
     )
     return grad_x
 
@@ -291,14 +289,14 @@ def _(metric):
 
 
 @torch.library.custom_op("fusion::bipartite_gather_merge", mutates_args=())
-def _merge_op(x: torch.Tensor, sizes: torch.Tensor, src: torch.Tensor, offsets: torch.Tensor,
-              assignment: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Triton gather-merge as an op; ``assignment`` rides along for the backward."""
+def _merge_op(x: torch.Tensor, sizes: torch.Tensor, src: torch.Tensor,
+              offsets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton gather-merge as an op: ``(merged [B, n_out, C], merged_sizes [B, n_out] fp32)``."""
     return _merge_triton(x, sizes, src, offsets)
 
 
 @_merge_op.register_fake
-def _(x, sizes, src, offsets, assignment):
+def _(x, sizes, src, offsets):
     Bsz, _, C = x.shape
     n_out = offsets.shape[1] - 1
     return x.new_empty((Bsz, n_out, C)), x.new_empty((Bsz, n_out), dtype=torch.float32)
@@ -306,31 +304,31 @@ def _(x, sizes, src, offsets, assignment):
 
 @torch.library.custom_op("fusion::bipartite_gather_merge_backward", mutates_args=())
 def _merge_backward_op(grad: torch.Tensor, sizes: torch.Tensor, merged_sizes: torch.Tensor,
-                       assignment: torch.Tensor, x_like: torch.Tensor) -> torch.Tensor:
-    """Triton backward of the gather-merge; ``x_like`` (any view of x's dtype) gives the grad dtype."""
-    return _merge_backward_triton(grad, sizes, merged_sizes, assignment, x_like.dtype)
+                       src: torch.Tensor, offsets: torch.Tensor, x_like: torch.Tensor) -> torch.Tensor:
+    """Triton backward of the gather-merge; ``x_like`` (an empty tensor of x's dtype) gives the grad dtype."""
+    return _merge_backward_triton(grad, sizes, merged_sizes, src, offsets, x_like.dtype)
 
 
 @_merge_backward_op.register_fake
-def _(grad, sizes, merged_sizes, assignment, x_like):
+def _(grad, sizes, merged_sizes, src, offsets, x_like):
     Bsz, _, C = grad.shape
-    return grad.new_empty((Bsz, assignment.shape[1], C), dtype=x_like.dtype)
+    return grad.new_empty((Bsz, src.shape[1], C), dtype=x_like.dtype)
 
 
 def _merge_setup_context(ctx, inputs, output):
-    x, sizes, _src, _offsets, assignment = inputs
+    x, sizes, src, offsets = inputs
     _merged, merged_sizes = output
-    ctx.save_for_backward(sizes, merged_sizes, assignment)
+    ctx.save_for_backward(sizes, merged_sizes, src, offsets)
     ctx.x_dtype = x.dtype
 
 
 def _merge_backward(ctx, grad_merged, _grad_sizes):
-    sizes, merged_sizes, assignment = ctx.saved_tensors
+    sizes, merged_sizes, src, offsets = ctx.saved_tensors
     grad_x = None
     if ctx.needs_input_grad[0]:
         x_like = grad_merged.new_empty((0,), dtype=ctx.x_dtype)
-        grad_x = _merge_backward_op(grad_merged, sizes, merged_sizes, assignment, x_like)
-    return grad_x, None, None, None, None
+        grad_x = _merge_backward_op(grad_merged, sizes, merged_sizes, src, offsets, x_like)
+    return grad_x, None, None, None
 
 
 _merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
@@ -352,7 +350,7 @@ def _merge_by_assignment(x: torch.Tensor, sizes: torch.Tensor, assignment: torch
     if backend == "torch":
         return merge_by_assignment_reference(x, sizes, assignment, n_out)
     src, offsets = _source_lists(assignment, n_out)
-    return _merge_op(x, sizes.detach().float(), src, offsets, assignment)
+    return _merge_op(x, sizes.detach().float(), src, offsets)
 
 
 def _check_common(x, metric, sizes, backend) -> str:
@@ -370,7 +368,7 @@ def _check_common(x, metric, sizes, backend) -> str:
                              f"[{x.shape[0]}, {x.shape[1]}] like x's first two dims")
         if sizes.device != x.device:
             raise ValueError(f"sizes is on {sizes.device} but x is on {x.device}")
-    be = V.resolve_backend(backend, x.device, _TRITON_OK)
+    be = V.resolve_backend(backend, x.device, HAVE_TRITON)
     if be == "triton":
         bad = [(n, t.dtype) for n, t in (("x", x), ("metric", metric)) if t.dtype not in _TRITON_DTYPES]
         if bad and backend == "auto":
@@ -378,16 +376,10 @@ def _check_common(x, metric, sizes, backend) -> str:
         if bad:
             raise ValueError(f"backend='triton' computes in fp32; {bad[0][0]} has dtype {bad[0][1]}: "
                              "use float16, bfloat16 or float32, or backend='torch'")
-        if x.device.type != "cuda" and not _interpreting():
+        if not triton_runs_on(_bipartite_match_kernel, x.device):
             raise ValueError(f"backend='triton' needs CUDA tensors (x is on {x.device}); use backend='torch' "
                              "or 'auto' for CPU tensors")
     return be
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check_int(name: str, value) -> int:

@@ -27,8 +27,8 @@ Two implementations live here:
   matrix is never held: scores are computed block by block (``[B, rows, block_b]``
   chunks, ``_SCORE_CHUNK_ELEMS`` elements at most) with a running row max/argmax, the
   metric is never normalised into a full copy (inverse norms ``[B, N]`` scale each B
-  chunk) and the merge gathers source rows into the output in bounded chunks, each
-  output's sources in increasing input order (deterministic, no scatter-add).
+  chunk) and the merge adds weighted source rows into the output in bounded chunks of
+  input tokens, in increasing input order (deterministic on CPU).
 - :func:`bipartite_merge_full`: the straightforward version a ToMe-style codebase writes
   (normalise, one ``A @ Bᵀ`` product, ``argsort``, ``gather`` and ``scatter_reduce`` of
   ``x * size``). It is the benchmark baseline for memory and time.
@@ -48,10 +48,11 @@ NORM_EPS = 1e-12
 # for L2-friendly bmm calls and large enough that each call still runs at BLAS speed.
 _SCORE_CHUNK_ELEMS = 1 << 19
 # B tokens (columns) per score chunk; the rows per chunk follow from the budget above.
-# 256 keeps the row max/argmax reduction long enough to vectorise well on CPU (64 was
-# 3x slower at N=4096) while the chunk stays at 256 rows x 256 columns for B=8.
+# 256 gives 64 bmm + max calls at N=4096, B=8 (256 x 256 chunks): few enough that
+# per-call and thread-synchronisation overheads stay small, and the normalised B block
+# [B, 256, Cm] is 2 MiB at Cm=256 (it is capped by the same budget for wider metrics).
 _BLOCK_B = 256
-# Input rows per chunk of the merge's (x * weight) temporary: 2**18 elements = 1 MiB fp32.
+# Elements per chunk of the merge's (x * weight) temporary: 2**18 = 1 MiB fp32.
 _MERGE_CHUNK_ELEMS = 1 << 18
 
 
@@ -85,18 +86,22 @@ def bipartite_match_reference(metric: torch.Tensor, block_b: int = _BLOCK_B,
     m_a, m_b = metric[:, 0::2], metric[:, 1::2]        # strided views, no copies
     best = torch.full((Bsz, n_a), float("-inf"), dtype=cd, device=metric.device)
     partner = torch.zeros((Bsz, n_a), dtype=torch.int64, device=metric.device)
-    block_b = max(1, min(block_b, n_b))
+    Cm = metric.shape[-1]
+    # the normalised B block [B, rb, Cm] and, when metric needs a cast, the A block
+    # [B, ra, Cm] are copies: they are held to the score budget too
+    block_b = max(1, min(block_b, n_b, chunk_elems // (Bsz * Cm)))
     rows = max(1, chunk_elems // (Bsz * block_b))
-    for a0 in range(0, n_a, rows):
-        a1 = min(a0 + rows, n_a)
-        a_blk = m_a[:, a0:a1].to(cd)                   # [B, ra, Cm]
-        run_max, run_arg = best[:, a0:a1], partner[:, a0:a1]  # views: updated in place
-        for b0 in range(0, n_b, block_b):
-            b1 = min(b0 + block_b, n_b)
-            b_hat = m_b[:, b0:b1].to(cd) * inv_b[:, b0:b1, None]   # [B, rb, Cm] unit rows
+    if metric.dtype != cd:
+        rows = max(1, min(rows, chunk_elems // (Bsz * Cm)))
+    for b0 in range(0, n_b, block_b):
+        b1 = min(b0 + block_b, n_b)
+        b_hat = m_b[:, b0:b1].to(cd) * inv_b[:, b0:b1, None]       # [B, rb, Cm] unit rows, once per block
+        for a0 in range(0, n_a, rows):
+            a1 = min(a0 + rows, n_a)
             # [B, ra, Cm] @ [B, Cm, rb] -> [B, ra, rb]
-            blk_max, blk_arg = torch.matmul(a_blk, b_hat.transpose(1, 2)).max(dim=-1)  # first max on ties
-            upd = blk_max > run_max
+            blk_max, blk_arg = torch.matmul(m_a[:, a0:a1].to(cd), b_hat.transpose(1, 2)).max(dim=-1)
+            run_max, run_arg = best[:, a0:a1], partner[:, a0:a1]  # views: updated in place
+            upd = blk_max > run_max                                # first max within a block, earlier block on ties
             run_max.copy_(torch.where(upd, blk_max, run_max))
             run_arg.copy_(torch.where(upd, blk_arg + b0, run_arg))
     return best.mul_(inv_a), partner
@@ -130,38 +135,25 @@ def merge_by_assignment_reference(x: torch.Tensor, sizes: torch.Tensor, assignme
     ``x [B, N, C]``, ``sizes [B, N]``, ``assignment [B, N]`` (values in ``[0, n_out)``) ->
     ``merged [B, n_out, C]`` (x.dtype) and ``merged_sizes [B, n_out]`` (compute dtype).
     ``merged[o] = Σ_{i→o} w_i x_i`` with ``w_i = s_i / S_o``, accumulated in the compute
-    dtype with the sources of each output added in increasing input order (the Triton
-    kernel's order; a token alone keeps its exact value). Differentiable in ``x``;
-    ``sizes`` is treated as a constant.
-
-    How: outputs are ranked by source count. Pass ``k`` adds every output's ``k``-th source,
-    and the outputs that have one are a prefix of that ranking, so each pass is a row
-    gather (``index_select``) and a row write (``index_copy_``) over a prefix, in chunks
-    of ``chunk_elems`` elements. The total work is one pass over ``x``, with no scatter-add.
+    dtype by ``scatter_add_`` over chunks of input tokens taken in increasing order, so on
+    CPU (a sequential scatter) each output's sources are added in increasing input order,
+    the Triton kernel's order; a token alone keeps its exact value. On CUDA ``scatter_add_``
+    uses atomics, so this path is not bitwise deterministic there (the Triton path is).
+    Differentiable in ``x``; ``sizes`` is treated as a constant.
     """
     Bsz, N, C = x.shape
     cd = compute_dtype(x.dtype)
-    n_all = Bsz * n_out
     s = sizes.detach().to(cd)
     merged_sizes = torch.zeros((Bsz, n_out), dtype=cd, device=x.device).scatter_add_(1, assignment, s)
-    w = (s / merged_sizes.gather(1, assignment)).reshape(Bsz * N)                        # [B*N]
-    dest = (assignment + torch.arange(Bsz, device=x.device)[:, None] * n_out).reshape(Bsz * N)
-    src = torch.sort(dest, stable=True).indices       # input rows grouped by output, increasing within
-    counts = torch.bincount(dest, minlength=n_all)    # [B*n_out] sources per output
-    starts = counts.cumsum(0) - counts
-    ranked = torch.sort(counts, descending=True, stable=True).indices                    # outputs, most sources first
-    # active[k] = how many outputs have more than k sources
-    active = (n_all - torch.bincount(counts, minlength=1).cumsum(0))[: int(counts.max())].tolist()
-    x_rows = x.reshape(Bsz * N, C)                    # [B*N, C]
-    acc = torch.zeros((n_all, C), dtype=cd, device=x.device)
-    step = max(1, chunk_elems // C)
-    for k, n_k in enumerate(active):
-        for o0 in range(0, n_k, step):
-            outs = ranked[o0:min(o0 + step, n_k)]
-            rows = src[starts[outs] + k]
-            part = x_rows.index_select(0, rows).to(cd) * w[rows, None]
-            acc.index_copy_(0, outs, part if k == 0 else acc.index_select(0, outs) + part)
-    return acc.view(Bsz, n_out, C).to(x.dtype), merged_sizes
+    w = s / merged_sizes.gather(1, assignment)                                  # [B, N]
+    acc = torch.zeros((Bsz, n_out, C), dtype=cd, device=x.device)
+    step = max(1, chunk_elems // (Bsz * C))                                     # input tokens per chunk
+    for i0 in range(0, N, step):
+        i1 = min(i0 + step, N)
+        # [B, L, C] rows weighted, added at their outputs along the token dim
+        acc.scatter_add_(1, assignment[:, i0:i1, None].expand(Bsz, i1 - i0, C),
+                         x[:, i0:i1].to(cd) * w[:, i0:i1, None])
+    return acc.to(x.dtype), merged_sizes
 
 
 def bipartite_merge_reference(x: torch.Tensor, metric: torch.Tensor, r: int,

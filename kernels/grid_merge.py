@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from ._plan import axis_tables, default_row_blocks, int_table, merge_plan, num_warps_for, two_slots
+from ._plan import axis_tables, int_table, num_warps_for, plan_for, sm_count, two_slots
 from ._resample_jit import load_taps, output_row, tap_weight
 from ._triton import HAVE_TRITON, sum_combine as _sum, tl, triton, triton_runs_on
 from .reference import grid_merge_reference
@@ -58,6 +58,7 @@ def _grid_merge_fwd_kernel(
     o_b = out_ptr + b * sob
     sxh64 = b * 0 + sxh
     sxw64 = b * 0 + sxw
+    W64 = b * 0 + W  # int64 index math: no overflow, no interpreter overflow checks
     omask = xmask[:, None] & cmask[None, :]
     offs_j0 = jlo + tl.arange(0, BJ)
     wgt0 = tap_weight(offs_j0[None, :], c_lo[:, None], c_hi[:, None], c_wf[:, None], c_wm[:, None], c_wl[:, None])
@@ -78,7 +79,7 @@ def _grid_merge_fwd_kernel(
                 acc = acc * wv[None, :]
             if HAS_B:
                 acc = acc + bv[None, :]
-        optrs = o_b + (y * W + offs_x).to(tl.int64)[:, None] * son + offs_c.to(tl.int64)[None, :] * soc
+        optrs = o_b + (y * W64 + offs_x)[:, None] * son + offs_c.to(tl.int64)[None, :] * soc
         tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
@@ -126,6 +127,7 @@ def _grid_merge_bwd_kernel(
     sxh64 = b * 0 + sxh
     sxw64 = b * 0 + sxw
     sdh64 = b * 0 + sdh
+    W64 = b * 0 + W  # int64 index math: no overflow, no interpreter overflow checks
     offs_c64 = offs_c.to(tl.int64) * sxc
     offs_j0 = jlo + tl.arange(0, BJ)
     wgt0 = tap_weight(offs_j0[None, :], c_lo[:, None], c_hi[:, None], c_wf[:, None], c_wm[:, None], c_wl[:, None])
@@ -142,7 +144,7 @@ def _grid_merge_bwd_kernel(
     pid_b = r0 * 0 - 1
     filled = r0  # dx rows below this have been written
     for y in range(ya, yb):
-        g = tl.load(g_b + (y * W + offs_x).to(tl.int64)[:, None] * sgn + offs_gc,
+        g = tl.load(g_b + (y * W64 + offs_x)[:, None] * sgn + offs_gc,
                     mask=xmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         rlo = tl.load(rows_idx_ptr + 2 * y)
         rhi = tl.load(rows_idx_ptr + 2 * y + 1)
@@ -228,8 +230,12 @@ def _param(p: Optional[Tensor], like: Tensor) -> Tensor:
 
 def grid_merge_forward(grids: Sequence[Tensor], weights: Sequence[Optional[Tensor]],
                        biases: Sequence[Optional[Tensor]], normalize: Sequence[bool], H: int, W: int,
-                       mode: str, eps: float, layout: str, row_blocks: Optional[int] = None) -> Tensor:
-    """Triton forward. ``grids[i]``: ``[B, h_i, w_i, C_i]``; returns the merged tokens."""
+                       mode: str, eps: float, layout: str,
+                       row_blocks: Optional[Tuple[int, int]] = None) -> Tensor:
+    """Triton forward. ``grids[i]``: ``[B, h_i, w_i, C_i]``; returns the merged tokens.
+
+    ``row_blocks``: (forward, backward) row bands; None picks them for the device.
+    """
     B, dev, dtype = grids[0].shape[0], grids[0].device, grids[0].dtype
     sizes = [g.shape[-1] for g in grids]
     if layout == "channel":
@@ -238,9 +244,7 @@ def grid_merge_forward(grids: Sequence[Tensor], weights: Sequence[Optional[Tenso
         out = torch.empty(B, len(grids) * H * W, sizes[0], device=dev, dtype=dtype)
     for x, wt, bs, norm, o in zip(grids, weights, biases, normalize, _out_slices(out, sizes, H * W, layout)):
         _, h, w, C = x.shape
-        pl = merge_plan(h, w, H, W, C, mode, 1)
-        rb = default_row_blocks(dev, B, pl.n_cb) if row_blocks is None else row_blocks
-        pl = merge_plan(h, w, H, W, C, mode, rb)
+        pl = plan_for(h, w, H, W, C, mode, B, sm_count(dev), row_blocks)
         r_idx, r_wt = axis_tables(h, H, mode, dev)
         c_idx, c_wt = axis_tables(w, W, mode, dev)
         bands = int_table(pl.fwd_bands, dev)
@@ -256,7 +260,7 @@ def grid_merge_forward(grids: Sequence[Tensor], weights: Sequence[Optional[Tenso
 def grid_merge_backward(grad: Tensor, grids: Sequence[Tensor], weights: Sequence[Optional[Tensor]],
                         biases: Sequence[Optional[Tensor]], normalize: Sequence[bool],
                         need_dx: Sequence[bool], H: int, W: int, mode: str, eps: float, layout: str,
-                        row_blocks: Optional[int] = None) -> List[Tensor]:
+                        row_blocks: Optional[Tuple[int, int]] = None) -> List[Tensor]:
     """Triton backward. Returns ``[dx_i...] + [dweight_i...] + [dbias_i...]``; entries not
     needed (``need_dx`` False, no weight / bias) are empty ``[0]`` tensors."""
     B, dev = grids[0].shape[0], grids[0].device
@@ -269,10 +273,8 @@ def grid_merge_backward(grad: Tensor, grids: Sequence[Tensor], weights: Sequence
         has_w, has_b = norm and weights[i] is not None, norm and biases[i] is not None
         if not (need_dx[i] or has_w or has_b):
             continue
-        pl = merge_plan(h, w, H, W, C, mode, 1)
+        pl = plan_for(h, w, H, W, C, mode, B, sm_count(dev), row_blocks)
         n_cb = len(pl.bwd_cols)
-        rb = default_row_blocks(dev, B, n_cb) if row_blocks is None else row_blocks
-        pl = merge_plan(h, w, H, W, C, mode, rb)
         n_prog = n_cb * len(pl.bwd_bands)
         dx = torch.empty(x.shape, device=dev, dtype=x.dtype) if need_dx[i] else x
         dwp = torch.empty(B * n_prog, C, device=dev, dtype=torch.float32) if has_w else x
@@ -299,10 +301,17 @@ def grid_merge_backward(grad: Tensor, grids: Sequence[Tensor], weights: Sequence
 # Custom ops (so torch.compile / torch.export see one opaque op) and autograd.
 # --------------------------------------------------------------------------------------
 
+# Absent LayerNorm weights / biases travel as empty [0] tensors: autograd only tracks
+# list arguments that hold tensors only (a list with a None in it gets no gradients).
+
+def _opt(ts: Sequence[Tensor]) -> List[Optional[Tensor]]:
+    return [None if t.numel() == 0 else t for t in ts]
+
+
 @torch.library.custom_op("fusion::grid_merge", mutates_args=())
-def _grid_merge_op(grids: List[Tensor], weights: List[Optional[Tensor]], biases: List[Optional[Tensor]],
+def _grid_merge_op(grids: List[Tensor], weights: List[Tensor], biases: List[Tensor],
                    normalize: List[bool], H: int, W: int, mode: str, eps: float, layout: str) -> Tensor:
-    return grid_merge_forward(grids, weights, biases, normalize, H, W, mode, eps, layout)
+    return grid_merge_forward(grids, _opt(weights), _opt(biases), normalize, H, W, mode, eps, layout)
 
 
 @_grid_merge_op.register_fake
@@ -314,10 +323,11 @@ def _(grids, weights, biases, normalize, H, W, mode, eps, layout):
 
 
 @torch.library.custom_op("fusion::grid_merge_backward", mutates_args=())
-def _grid_merge_bwd_op(grad: Tensor, grids: List[Tensor], weights: List[Optional[Tensor]],
-                       biases: List[Optional[Tensor]], normalize: List[bool], need_dx: List[bool],
-                       H: int, W: int, mode: str, eps: float, layout: str) -> List[Tensor]:
-    return grid_merge_backward(grad, grids, weights, biases, normalize, need_dx, H, W, mode, eps, layout)
+def _grid_merge_bwd_op(grad: Tensor, grids: List[Tensor], weights: List[Tensor], biases: List[Tensor],
+                       normalize: List[bool], need_dx: List[bool], H: int, W: int, mode: str,
+                       eps: float, layout: str) -> List[Tensor]:
+    return grid_merge_backward(grad, grids, _opt(weights), _opt(biases), normalize, need_dx,
+                               H, W, mode, eps, layout)
 
 
 @_grid_merge_bwd_op.register_fake
@@ -325,8 +335,8 @@ def _(grad, grids, weights, biases, normalize, need_dx, H, W, mode, eps, layout)
     def like(t, keep):
         return t.new_empty(t.shape) if keep else grad.new_empty(0)
     return ([like(g, k) for g, k in zip(grids, need_dx)]
-            + [like(w, n and w is not None) if w is not None else grad.new_empty(0) for w, n in zip(weights, normalize)]
-            + [like(b, n and b is not None) if b is not None else grad.new_empty(0) for b, n in zip(biases, normalize)])
+            + [like(w, n and w.numel() > 0) for w, n in zip(weights, normalize)]
+            + [like(b, n and b.numel() > 0) for b, n in zip(biases, normalize)])
 
 
 def _setup_context(ctx, inputs, output):
@@ -343,11 +353,8 @@ def _backward(ctx, grad):
     normalize, need_dx, H, W, mode, eps, layout = ctx.args
     res = _grid_merge_bwd_op(grad, grids, weights, biases, normalize, need_dx, H, W, mode, eps, layout)
     dg = [res[i] if need_dx[i] else None for i in range(n)]
-    dw = [res[n + i] if (normalize[i] and weights[i] is not None) else None for i in range(n)]
-    db = [res[2 * n + i] if (normalize[i] and biases[i] is not None) else None for i in range(n)]
-    # a list argument holding no tensor at all is a leaf for autograd: its grad is None
-    dw = dw if any(w is not None for w in weights) else None
-    db = db if any(b is not None for b in biases) else None
+    dw = [res[n + i] if (normalize[i] and weights[i].numel()) else None for i in range(n)]
+    db = [res[2 * n + i] if (normalize[i] and biases[i].numel()) else None for i in range(n)]
     return dg, dw, db, None, None, None, None, None, None
 
 
@@ -392,6 +399,7 @@ def grid_merge(grids: Sequence[Tensor], size: Union[int, Tuple[int, int]], mode:
         raise ValueError(V.triton_unavailable(dev, dtype))
     if be == "torch" or (backend == "auto" and not ok):
         return grid_merge_reference(grids, (H, W), mode, norms, eps, layout)
-    return _grid_merge_op(grids, [None if nm is None else nm[0] for nm in norms],
-                          [None if nm is None else nm[1] for nm in norms],
-                          [nm is not None for nm in norms], H, W, mode, eps, layout)
+    none = grids[0].new_empty(0)
+    weights = [none if nm is None or nm[0] is None else nm[0] for nm in norms]
+    biases = [none if nm is None or nm[1] is None else nm[1] for nm in norms]
+    return _grid_merge_op(grids, weights, biases, [nm is not None for nm in norms], H, W, mode, eps, layout)

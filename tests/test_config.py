@@ -118,3 +118,18 @@ def test_yaml_file_on_disk_is_plain_mapping():
     for preset in list_presets():
         data = yaml.safe_load((PRESET_DIR / f"{preset}.yaml").read_text())
         assert isinstance(data, dict) and "encoders" in data
+
+
+def test_multi_granularity_keys_round_trip(tmp_path):
+    cfg = load_config("tiny", ["fusion.levels=[4, 2, 1]", "fusion.reduce={keep: 8, metric: dino}",
+                               "fusion.pos_embed=sincos", "encoders.clip.scales=[1, 2]"])
+    assert cfg.fusion.levels == [4, 2, 1] and cfg.fusion.extra_levels() == [2, 1]
+    assert (cfg.fusion.reduce.method, cfg.fusion.reduce.keep, cfg.fusion.reduce.metric) == ("bipartite", 8, "dino")
+    assert cfg.encoders["clip"].scales == [1, 2] and cfg.encoders["sam"].scales == [1]
+    (tmp_path / "c.yaml").write_text(cfg.to_yaml())
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert load_config(cfg.to_dict()) == cfg
+    off = load_config(cfg, ["fusion.reduce=null", "fusion.levels=[]"])
+    assert off.fusion.reduce is None and off.fusion.levels == [] and off.fusion.extra_levels() == []
+    with pytest.raises(ValueError, match="fusion.pos_embed.*'sincos'"):
+        load_config("tiny", ["fusion.pos_embed=rope"])

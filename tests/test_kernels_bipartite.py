@@ -289,10 +289,10 @@ def test_custom_ops_opcheck():
     sizes = torch.ones(2, 20)
     torch.library.opcheck(torch.ops.fusion.bipartite_match.default, (metric,))
     torch.library.opcheck(torch.ops.fusion.bipartite_gather_merge.default,
-                          (x.requires_grad_(True), sizes, src, offsets, asg))
-    merged, ms = torch.ops.fusion.bipartite_gather_merge(x.detach(), sizes, src, offsets, asg)
+                          (x.requires_grad_(True), sizes, src, offsets))
+    merged, ms = torch.ops.fusion.bipartite_gather_merge(x.detach(), sizes, src, offsets)
     torch.library.opcheck(torch.ops.fusion.bipartite_gather_merge_backward.default,
-                          (torch.randn(2, 13, 8), sizes, ms, asg, x.new_empty(0)))
+                          (torch.randn(2, 13, 8), sizes, ms, src, offsets, x.new_empty(0)))
 
 
 @pytest.mark.slow
@@ -302,6 +302,16 @@ def test_torch_compile_fullgraph():
     got, want = fn(x, metric), bipartite_merge(x, metric, 20, backend="triton")
     assert torch.equal(got[2], want[2])
     torch.testing.assert_close(got[0], want[0])
+
+    class Reduce(torch.nn.Module):
+        def forward(self, a, m):
+            return bipartite_merge(a, m, 20, backend="triton")
+
+    ep = torch.export.export(Reduce(), (x, metric))
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert "fusion.bipartite_match.default" in ops and "fusion.bipartite_gather_merge.default" in ops
+    got = ep.module()(x, metric)
+    assert torch.equal(got[2], want[2])
 
 
 @pytest.mark.slow

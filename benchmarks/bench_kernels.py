@@ -1,0 +1,298 @@
+"""Benchmark fusion.kernels: Triton vs eager reference vs naive PyTorch vs torch.compile.
+
+On a GPU: ``triton.testing.do_bench`` medians for forward, backward and both, batch
+1/4/16/64, fp16 and bf16, on the vsre grids (CLIP 24x24x1024, SigLIP 27x27x1152, SAM
+64x64x256, DINOv2 37x37x1024 -> 24x24 with LayerNorm; pyramid 24x24x3456 -> 12/6/3/1).
+Reports GB/s on the *minimal* bytes (each input read once, each output written once),
+% of the measured device copy bandwidth, and speedups; writes a CSV and one PNG per op
+(labelled with the device name) to ``--out``.
+
+On a CPU: the reference path (what CPU users run) against the naive sequence on the
+same grids, B=16, fp32, with this machine's copy bandwidth measured in the same run.
+
+    python benchmarks/bench_kernels.py              # full run for this device
+    python benchmarks/bench_kernels.py --quick      # a fast sanity run
+    python benchmarks/bench_kernels.py --compile    # CPU: add torch.compile(reference) (slow)
+    python benchmarks/bench_kernels.py --ptx-report # registers / spills of the kernels for
+                                                     # sm_90, compiled without a GPU
+"""
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fusion.kernels import (grid_merge, grid_merge_reference, naive_grid_merge, naive_pyramid_pool,
+                            pyramid_pool, pyramid_pool_reference)
+
+VSRE = [(24, 1024), (27, 1152), (64, 256), (37, 1024)]
+TARGET, LEVELS = 24, [(12, 12), (6, 6), (3, 3), (1, 1)]
+
+
+# --------------------------------------------------------------------------------------
+# Workloads: inputs, the four implementations, minimal bytes per pass
+# --------------------------------------------------------------------------------------
+
+def merge_case(B, dtype, device, grids=VSRE):
+    xs = [torch.randn(B, h, h, c, device=device).to(dtype).requires_grad_() for h, c in grids]
+    norms = [(torch.randn(c, device=device, requires_grad=True), torch.randn(c, device=device, requires_grad=True))
+             for _, c in grids]
+    inputs = xs + [p for n in norms for p in n]
+    es = xs[0].element_size()
+    read = sum(B * h * h * c for h, c in grids) * es
+    out = B * TARGET * TARGET * sum(c for _, c in grids) * es
+    minimal = {"fwd": read + out, "bwd": 2 * read + out}
+    minimal["both"] = minimal["fwd"] + minimal["bwd"]
+    compiled = torch.compile(grid_merge_reference)
+    impls = {
+        "triton": lambda: grid_merge(xs, TARGET, "area", norms, backend="triton"),
+        "eager": lambda: grid_merge(xs, TARGET, "area", norms, backend="torch"),
+        "naive": lambda: naive_grid_merge(xs, (TARGET, TARGET), "area", norms),
+        "compile": lambda: compiled(xs, (TARGET, TARGET), "area", norms, 1e-5, "channel"),
+    }
+    return impls, inputs, minimal
+
+
+def pyramid_case(B, dtype, device, C=sum(c for _, c in VSRE)):
+    t = torch.randn(B, TARGET * TARGET, C, device=device).to(dtype).requires_grad_()
+    es = t.element_size()
+    n_out = sum(a * b for a, b in LEVELS)
+    one = (TARGET * TARGET + n_out) * C * es * B
+    minimal = {"fwd": one, "bwd": one, "both": 2 * one}
+    compiled = torch.compile(pyramid_pool_reference)
+    impls = {
+        "triton": lambda: pyramid_pool(t, TARGET, LEVELS, backend="triton"),
+        "eager": lambda: pyramid_pool(t, TARGET, LEVELS, backend="torch"),
+        "naive": lambda: naive_pyramid_pool(t, (TARGET, TARGET), LEVELS),
+        "compile": lambda: compiled(t, (TARGET, TARGET), LEVELS),
+    }
+    return impls, [t], minimal
+
+
+CASES = {"grid_merge": merge_case, "pyramid_pool": pyramid_case}
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+
+def _passes(fn, inputs):
+    """Callables for forward, backward (graph kept) and forward + backward."""
+    out = fn()
+    go = torch.randn_like(out)
+
+    def fwd():
+        with torch.no_grad():
+            fn()
+
+    def bwd():
+        torch.autograd.grad(out, inputs, go, retain_graph=True)
+
+    def both():
+        torch.autograd.grad(fn(), inputs, go)
+
+    return {"fwd": fwd, "bwd": bwd, "both": both}
+
+
+def cpu_time(fn, reps):
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def gpu_time(fn, reps):
+    import triton.testing
+    return triton.testing.do_bench(fn, rep=reps, return_mode="median")
+
+
+def copy_bandwidth(device, nbytes, timer, reps):
+    """GB/s of ``dst.copy_(src)`` counting the read and the write."""
+    src = torch.empty(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src), reps)
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+# --------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------
+
+def run_gpu(args):
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(dev)
+    batches = [4] if args.quick else [1, 4, 16, 64]
+    dtypes = [torch.float16] if args.quick else [torch.float16, torch.bfloat16]
+    reps = 20 if args.quick else 100
+    copy = copy_bandwidth(dev, 1 << 30, gpu_time, reps)
+    print(f"device: {name}; measured copy bandwidth {copy:.0f} GB/s")
+    rows = []
+    for op, make in CASES.items():
+        for dtype in dtypes:
+            for B in batches:
+                impls, inputs, minimal = make(B, dtype, dev)
+                times = {}
+                for impl, fn in impls.items():
+                    for p, call in _passes(fn, inputs).items():
+                        times[impl, p] = gpu_time(call, reps)
+                for (impl, p), ms in times.items():
+                    gbs = minimal[p] / ms / 1e6
+                    rows.append(dict(device=name, op=op, dtype=str(dtype).split(".")[-1], B=B, pass_=p, impl=impl,
+                                     ms=ms, GBps=gbs, pct_copy=100 * gbs / copy,
+                                     x_naive=times["naive", p] / ms, x_eager=times["eager", p] / ms,
+                                     x_compile=times["compile", p] / ms))
+                    print(f"{op:<13} {rows[-1]['dtype']:<9} B={B:<3} {p:<5} {impl:<8} {ms:8.3f} ms "
+                          f"{gbs:7.0f} GB/s {rows[-1]['pct_copy']:5.1f}% copy  x{rows[-1]['x_naive']:.2f} naive "
+                          f"x{rows[-1]['x_compile']:.2f} compile", flush=True)
+    write_csv(rows, args.out, "gpu")
+    plot(rows, args.out, name, copy)
+
+
+def run_cpu(args):
+    dev = torch.device("cpu")
+    B = 2 if args.quick else 16
+    reps = 3 if args.quick else 7
+    impls = ["eager", "naive"] + (["compile"] if args.compile else [])
+    print(f"CPU: {torch.get_num_threads()} threads; vsre grids -> {TARGET}x{TARGET}, B={B}, float32")
+    rows = []
+    copy = copy_bandwidth(dev, 512 << 20, cpu_time, reps)
+    for op, make in CASES.items():
+        cases, inputs, minimal = make(B, torch.float32, dev)
+        for p in ("fwd", "both"):
+            times = {}
+            for impl in impls:
+                times[impl] = cpu_time(_passes(cases[impl], inputs)[p], reps)
+            # the copy bandwidth again, in the same run (shared machines drift)
+            copy = (copy + copy_bandwidth(dev, 512 << 20, cpu_time, reps)) / 2
+            for impl, ms in times.items():
+                gbs = minimal[p] / ms / 1e6
+                rows.append(dict(device="cpu", op=op, dtype="float32", B=B, pass_=p, impl=impl, ms=ms, GBps=gbs,
+                                 pct_copy=100 * gbs / copy, x_naive=times["naive"] / ms, x_eager=times["eager"] / ms,
+                                 x_compile=times["compile"] / ms if "compile" in times else float("nan")))
+                print(f"{op:<13} {p:<5} {impl:<8} {ms:9.1f} ms {gbs:6.2f} GB/s on {minimal[p] / 1e6:7.1f} MB minimal"
+                      f" = {rows[-1]['pct_copy']:5.1f}% of copy ({copy:.2f} GB/s)   x{rows[-1]['x_naive']:.2f} vs naive",
+                      flush=True)
+    write_csv(rows, args.out, "cpu")
+
+
+def write_csv(rows, out, tag):
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench_kernels_{tag}.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {path}")
+
+
+def plot(rows, out, device_name, copy):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plots (pip install matplotlib)")
+        return
+    for op in sorted({r["op"] for r in rows}):
+        dtypes = sorted({r["dtype"] for r in rows if r["op"] == op})
+        fig, axes = plt.subplots(len(dtypes), 3, figsize=(14, 4 * len(dtypes)), squeeze=False)
+        for i, dt in enumerate(dtypes):
+            for j, p in enumerate(("fwd", "bwd", "both")):
+                ax = axes[i][j]
+                for impl in ("triton", "eager", "naive", "compile"):
+                    pts = sorted((r["B"], r["GBps"]) for r in rows
+                                 if (r["op"], r["dtype"], r["pass_"], r["impl"]) == (op, dt, p, impl))
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", label=impl)
+                ax.axhline(copy, color="grey", linestyle="--", label="copy")
+                ax.set_xscale("log", base=2)
+                ax.set_title(f"{op} {p} {dt}")
+                ax.set_xlabel("batch")
+                ax.set_ylabel("GB/s on minimal bytes")
+                ax.legend()
+        fig.suptitle(f"{op} on {device_name}")
+        fig.tight_layout()
+        path = Path(out) / f"bench_{op}_{device_name.replace(' ', '_')}.png"
+        fig.savefig(path, dpi=100)
+        print(f"wrote {path}")
+
+
+def ptx_report(args):
+    """Compile the kernel variants the vsre shapes launch for ``sm_<arch>`` (no GPU needed)
+    and print ptxas' register and spill counts: a cheap check for register pressure."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.interpreter import InterpretedFunction
+
+    gm, pp = sys.modules["fusion.kernels.grid_merge"], sys.modules["fusion.kernels.pyramid_pool"]
+    plan = sys.modules["fusion.kernels._plan"]
+    if isinstance(gm._grid_merge_fwd_kernel, InterpretedFunction):
+        sys.exit("--ptx-report compiles real kernels: unset TRITON_INTERPRET")
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+    def build(fn, types, consts, warps):
+        sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        k = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options={"num_warps": warps})
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(k.asm["ptx"])
+        target = k.asm["ptx"].split(".target")[1].split()[0].strip(",")  # e.g. sm_90a
+        r = subprocess.run([str(ptxas), f"-arch={target}", "-v", f.name, "-o", os.devnull],
+                           capture_output=True, text=True)
+        os.unlink(f.name)
+        regs = [ln.split("Used")[1].split(",")[0].strip() for ln in r.stderr.splitlines() if "Used" in ln]
+        spill = [ln.strip() for ln in r.stderr.splitlines() if "spill" in ln]
+        return f"{regs[0] if regs else '?'}; {spill[0] if spill else ''}"
+
+    for dt in ("fp16", "fp32"):
+        prec = "ieee" if dt == "fp32" else "tf32"
+        ptr = {n: "*" + dt for n in ("x_ptr", "out_ptr", "w_ptr", "b_ptr", "g_ptr", "dx_ptr")}
+        ptr.update({n: "*i32" for n in ("rows_idx_ptr", "cols_idx_ptr", "bands_ptr", "bcols_ptr", "tab_ptr")})
+        ptr.update({n: "*fp32" for n in ("rows_wt_ptr", "cols_wt_ptr", "dwp_ptr", "dbp_ptr")}, eps="fp32")
+        for h, C in VSRE:
+            pl = plan.merge_plan(h, h, TARGET, TARGET, C, "area")
+            two = plan.two_slots(h, TARGET, "area")
+            fw = build(gm._grid_merge_fwd_kernel, ptr, dict(NORM=True, HAS_W=True, HAS_B=True, TWO_SLOTS=two,
+                       BX=pl.BX, BJ=pl.BJF, BC=pl.BC, PREC=prec), plan.num_warps_for(pl.BX * pl.BC))
+            bw = build(gm._grid_merge_bwd_kernel, ptr, dict(NORM=True, HAS_W=True, HAS_B=True, NEED_DX=True,
+                       TWO_SLOTS=two, BXO=pl.BXO, BJO=pl.BJO, BJ=pl.BJB, BC=pl.BC, PREC=prec),
+                       plan.num_warps_for(max(pl.BXO, pl.BJO) * pl.BC))
+            print(f"grid_merge {dt} {h}x{h}x{C}: fwd [{pl.BX}x{pl.BC}] {fw} | bwd [{pl.BXO}x{pl.BC}] {bw}")
+        tab, KP = plan.pyramid_tables(LEVELS, "cpu")
+        BJ, BC = pp._blocks(TARGET, 3456, KP)
+        consts = dict(KP=KP, BJ=BJ, BC=BC, PREC=prec)
+        warps = plan.num_warps_for(KP * BC)
+        print(f"pyramid_pool {dt} [{KP}x{BC}]: fwd {build(pp._pyramid_fwd_kernel, ptr, consts, warps)} | "
+              f"bwd {build(pp._pyramid_bwd_kernel, ptr, consts, warps)}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
+    ap.add_argument("--compile", action="store_true", help="CPU: also time torch.compile(reference)")
+    ap.add_argument("--out", default="bench_results", help="folder for the CSV and plots")
+    ap.add_argument("--ptx-report", action="store_true", help="compile for --arch without a GPU, print regs")
+    ap.add_argument("--arch", type=int, default=90)
+    args = ap.parse_args(argv)
+    if args.ptx_report:
+        return ptx_report(args)
+    if torch.cuda.is_available():
+        run_gpu(args)
+    else:
+        run_cpu(args)
+
+
+if __name__ == "__main__":
+    main()

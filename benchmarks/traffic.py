@@ -1,0 +1,222 @@
+"""Count the bytes each Triton kernel of fusion.kernels loads and stores.
+
+Runs the kernels in the Triton interpreter (on CPU, no GPU needed) with its masked load
+and store hooks wrapped, attributes every access to the kernel argument it touches,
+and prints the totals beside the *minimal* bytes (read each input once, write each
+output once). A kernel that re-reads inputs (e.g. gathers overlapping windows for a
+non-integer ratio such as 27 -> 24) shows up as a ratio well above 1: this is the
+hardware-independent check the CI runs (tests/test_traffic.py).
+
+    python benchmarks/traffic.py                   # vsre grids, B=1, fp16
+    python benchmarks/traffic.py --sms 132         # the row bands an H100 uses for B=16
+    python benchmarks/traffic.py --json out.json   # also write the rows
+
+Shapes: the vsre grids (CLIP 24x24x1024, SigLIP 27x27x1152, SAM 64x64x256, DINOv2
+37x37x1024) merged to 24x24 with per-grid LayerNorm, then pooled to 12/6/3/1. Batch 1
+(traffic scales linearly with the batch: programs never share a batch item) and real
+channel counts, since the block plan depends on the channel count. Index tables,
+LayerNorm parameters and dweight/dbias partial sums are counted too (as "other").
+"""
+import argparse
+import json
+import os
+import sys
+import dataclasses
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+from triton.runtime import interpreter as _interp  # noqa: E402
+
+import fusion.kernels  # noqa: E402,F401
+
+GM = sys.modules["fusion.kernels.grid_merge"]
+GM_plan = sys.modules["fusion.kernels._plan"]
+PP = sys.modules["fusion.kernels.pyramid_pool"]
+
+VSRE = [("clip", 24, 1024), ("siglip", 27, 1152), ("sam", 64, 256), ("dino", 37, 1024)]
+TARGET, LEVELS = 24, [(12, 12), (6, 6), (3, 3), (1, 1)]
+LIMIT = 1.10
+
+
+class _Counter:
+    def __init__(self):
+        self.regions = []  # (start, end, arg name)
+        self.bytes = defaultdict(lambda: [0, 0])  # arg name -> [loaded, stored]
+
+    def name_of(self, addr):
+        for start, end, name in self.regions:
+            if start <= addr < end:
+                return name
+        return "?"
+
+    def add(self, ptrs, mask, itemsize, slot):
+        m = mask.astype(bool) if mask.shape == ptrs.shape else mask.astype(bool) & (ptrs == ptrs)
+        n = int(m.sum())
+        if n:
+            self.bytes[self.name_of(int(ptrs[m].flat[0]))][slot] += n * itemsize
+
+
+_ACTIVE = []
+
+
+@contextmanager
+def counting():
+    """Count loads/stores of every interpreted kernel launched inside the block."""
+    ctr = _Counter()
+    B = _interp.InterpreterBuilder
+    orig_load, orig_store, orig_call = B.create_masked_load, B.create_masked_store, _interp.GridExecutor.__call__
+
+    def load(self, ptrs, mask, other, *a):
+        ret = orig_load(self, ptrs, mask, other, *a)
+        ctr.add(ptrs.data, mask.data, ret.data.dtype.itemsize, 0)
+        return ret
+
+    def store(self, ptrs, value, mask, *a):
+        ctr.add(ptrs.data, mask.data, value.data.dtype.itemsize, 1)
+        return orig_store(self, ptrs, value, mask, *a)
+
+    def call(self, *args, **kwargs):
+        names = list(self.arg_names)
+        for name, arg in list(zip(names, args)) + list(kwargs.items()):
+            if isinstance(arg, torch.Tensor) and arg.numel():
+                st = arg.untyped_storage()
+                ctr.regions.append((st.data_ptr(), st.data_ptr() + st.nbytes(), name))
+        return orig_call(self, *args, **kwargs)
+
+    B.create_masked_load, B.create_masked_store, _interp.GridExecutor.__call__ = load, store, call
+    try:
+        yield ctr
+    finally:
+        B.create_masked_load, B.create_masked_store, _interp.GridExecutor.__call__ = orig_load, orig_store, orig_call
+
+
+DATA_ARGS = {"x_ptr", "out_ptr", "g_ptr", "dx_ptr"}
+
+
+def _row(op, what, ctr, minimal):
+    data = sum(sum(v) for k, v in ctr.bytes.items() if k in DATA_ARGS)
+    other = sum(sum(v) for k, v in ctr.bytes.items() if k not in DATA_ARGS)
+    total = data + other
+    return dict(op=op, grid=what, loaded=sum(v[0] for v in ctr.bytes.values()),
+                stored=sum(v[1] for v in ctr.bytes.values()), other=other,
+                total=total, minimal=minimal, ratio=total / minimal,
+                per_arg={k: list(v) for k, v in ctr.bytes.items()})
+
+
+@contextmanager
+def real_geometry(div):
+    """Run grid_merge on ``C / div`` channels with the blocks planned for ``C`` channels.
+
+    The interpreter's cost grows with the channel count but the traffic *ratio* does
+    not, as long as the launch geometry (column blocks, rows per program, bands) is
+    the one the real channel count gets: the plan is taken for ``C * div`` and only the
+    channel tile is shrunk.
+    """
+    orig = GM.plan_for
+
+    def plan(h, w, H, W, C, mode, batch, sms, bands=None):
+        real = orig(h, w, H, W, C * div, mode, batch, sms, bands)
+        return dataclasses.replace(real, BC=max(real.BC // div, GM_plan.channel_block(C)))
+
+    GM.plan_for = plan
+    try:
+        yield
+    finally:
+        GM.plan_for = orig
+
+
+def measure(dtype=torch.float16, batch=1, sms=0, policy_batch=16, grids=VSRE, target=TARGET, levels=LEVELS,
+            mode="area", channel_div=1):
+    """Rows of counted vs minimal bytes for both ops, forward and backward, per grid.
+
+    ``sms > 0`` launches with the row bands a GPU with that many SMs would use for a
+    batch of ``policy_batch`` (0: one band, the CPU plan). ``channel_div > 1`` divides
+    every channel count (for speed) but keeps the launch geometry of the real channel
+    counts (see :func:`real_geometry`).
+    """
+    es = torch.tensor([], dtype=dtype).element_size()
+    rows = []
+    T = target
+    torch.manual_seed(0)
+    grids = [(n, h, C // channel_div) for n, h, C in grids]
+    with real_geometry(channel_div) if channel_div > 1 else nullcontext():
+        rows += _merge_rows(dtype, es, batch, sms, policy_batch, grids, T, mode, channel_div)
+    C = sum(c for _, _, c in grids)
+    n_out = sum(lh * lw for lh, lw in levels)
+    t = torch.randn(batch, T * T, C).to(dtype)
+    lv = "/".join(str(lh) for lh, _ in levels)
+    with counting() as ctr:
+        PP.pyramid_pool_forward(t, T, T, levels)
+    rows.append(_row("pyramid_pool fwd", f"{T}x{T}x{C} -> {lv}", ctr, (T * T + n_out) * C * es * batch))
+    g = torch.randn(batch, n_out, C).to(dtype)
+    with counting() as ctr:
+        PP.pyramid_pool_backward(g, T, T, levels)
+    rows.append(_row("pyramid_pool bwd", f"{T}x{T}x{C} -> {lv}", ctr, (T * T + n_out) * C * es * batch))
+    return rows
+
+
+def _merge_rows(dtype, es, batch, sms, policy_batch, grids, T, mode, div):
+    rows = []
+    for name, h, C in grids:
+        base = GM_plan.merge_plan(h, h, T, T, C * div, mode)
+        bands = GM_plan.band_counts(h, T, policy_batch, base.n_cb, len(base.bwd_cols), sms)
+        x = torch.randn(batch, h, h, C).to(dtype)
+        w, b = torch.randn(C), torch.randn(C)
+        with counting() as ctr:
+            GM.grid_merge_forward([x], [w], [b], [True], T, T, mode, 1e-5, "channel", row_blocks=bands)
+        name = f"{name} {h}x{h}x{C}" + (f" bands {bands[0]}/{bands[1]}" if sms else "")
+        rows.append(_row("grid_merge fwd", name, ctr, (h * h + T * T) * C * es * batch))
+        g = torch.randn(batch, T * T, C).to(dtype)
+        with counting() as ctr:
+            GM.grid_merge_backward(g, [x], [w], [b], [True], [True], T, T, mode, 1e-5, "channel",
+                                   row_blocks=bands)
+        rows.append(_row("grid_merge bwd", name, ctr, (2 * h * h + T * T) * C * es * batch))
+    return rows
+
+
+def print_rows(rows, title):
+    print(title)
+    print(f"{'op':<17} {'grid':<34} {'loaded MB':>10} {'stored MB':>10} {'other kB':>9} "
+          f"{'minimal MB':>11} {'ratio':>6}")
+    for r in rows:
+        flag = "" if r["ratio"] <= LIMIT else f"  > {LIMIT}"
+        print(f"{r['op']:<17} {r['grid']:<34} {r['loaded'] / 1e6:>10.3f} {r['stored'] / 1e6:>10.3f} "
+              f"{r['other'] / 1e3:>9.1f} {r['minimal'] / 1e6:>11.3f} {r['ratio']:>6.3f}{flag}")
+    tot = sum(r["total"] for r in rows)
+    mn = sum(r["minimal"] for r in rows)
+    print(f"{'all':<52} {'':>21} {'':>9} {mn / 1e6:>11.3f} {tot / mn:>6.3f}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--sms", type=int, default=0,
+                    help="launch with the row bands of a GPU with this many SMs (0: CPU plan, one band)")
+    ap.add_argument("--policy-batch", type=int, default=16, help="the batch the GPU plan is chosen for")
+    ap.add_argument("--mode", default="area", choices=["area", "bilinear"])
+    ap.add_argument("--channel-div", type=int, default=1,
+                    help="divide channel counts by this (faster) keeping the real launch geometry")
+    ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--check", action="store_true", help=f"exit 1 if a ratio exceeds {LIMIT}")
+    args = ap.parse_args(argv)
+    rows = measure(getattr(torch, args.dtype), args.batch, args.sms, args.policy_batch, mode=args.mode,
+                   channel_div=args.channel_div)
+    div = f", channels / {args.channel_div} (real launch geometry)" if args.channel_div > 1 else ""
+    print_rows(rows, f"Triton kernel traffic (interpreter), vsre grids -> {TARGET}x{TARGET}, "
+                     f"B={args.batch}, {args.dtype}, {args.mode}, "
+                     + (f"GPU plan for B={args.policy_batch} on {args.sms} SMs" if args.sms else "one row band")
+                     + div)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.check and any(r["ratio"] > LIMIT for r in rows):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""Hugging Face transformers integration: the tower as a ``PreTrainedModel``.
+
+``import fusion.hf`` registers three classes with transformers' Auto classes:
+
+- :class:`FusionVisionConfig` (``model_type = "fusion_vision"``, ``AutoConfig``):
+  ``FusionVisionConfig(tower="vsre", overrides=["fusion.grid=16"], weights="pretrained")``.
+- :class:`FusionVisionModel` (``AutoModel``): wraps :class:`fusion.MultiEncoderTower`;
+  ``forward(pixel_values, output_hidden_states=...)`` returns a
+  ``BaseModelOutputWithPooling`` whose ``last_hidden_state`` is the tower's tokens
+  ``[B, N, D]`` and whose ``hidden_states`` are the tower's (each encoder's grid
+  flattened, then the fused tokens before the projector, then the tokens).
+- :class:`FusionImageProcessor` (``AutoImageProcessor``): the tower's own
+  :class:`fusion.ImageProcessor` as a transformers image processor (``pixel_values``
+  in [0, 1], not normalised: each encoder normalises its own input).
+
+So the tower is the ``vision_tower`` of ``transformers.LlavaForConditionalGeneration``::
+
+    import fusion.hf as fhf
+    vision = fhf.FusionVisionConfig(tower="vsre")
+    config = fhf.llava_config(vision, text_config)          # LlavaConfig, see below
+    model = LlavaForConditionalGeneration(config)
+    processor = fhf.llava_processor(tokenizer, model.model.vision_tower.config)
+
+**Llava settings.** Llava picks ``hidden_states[vision_feature_layer]`` and, with
+``vision_feature_select_strategy="default"``, drops its first token (CLIP's CLS). The
+fused tokens have no CLS token, so use ``vision_feature_layer=-1`` (the tokens) and
+``vision_feature_select_strategy="full"``; :func:`llava_config` sets both, and
+``image_seq_length``. Llava's processor counts ``(S // patch_size) ** 2 +
+num_additional_image_tokens`` image tokens per image: :func:`llava_processor` sets
+``patch_size`` and ``num_additional_image_tokens`` from the tower so the count is
+exactly ``num_patches`` (also for ``sequence_concat``, whose token count is not a square).
+
+**The projector.** Llava has its own ``multi_modal_projector`` (Linear-GELU-Linear, the
+same as the tower's ``mlp2x_gelu``) from ``vision_config.hidden_size`` to the language
+model's width, and that is the projector Llava checkpoints and recipes train. So by
+default (``keep_projector=False``) the config sets the tower's ``projector.type`` to
+``none``: the tower outputs the fused tokens (``hidden_size`` = the fused width) and
+Llava projects them once. ``keep_projector=True`` keeps the tower's projector (two
+projectors in a row; only useful to reuse a projector trained with fusion alone).
+
+**Loading.** ``from_pretrained`` of a Llava model holding this tower needs ``import
+fusion.hf`` first (so ``AutoConfig`` knows ``"fusion_vision"``). The checkpoint holds
+every weight (frozen encoders included), so loading never downloads encoder weights.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import yaml
+
+try:
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, PretrainedConfig, PreTrainedModel
+    from transformers.feature_extraction_utils import BatchFeature
+    from transformers.image_processing_utils import BaseImageProcessor
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+except ImportError as err:  # pragma: no cover - exercised only without transformers
+    raise ImportError("fusion.hf needs transformers>=5: pip install 'fusion-tower[hf]'") from err
+
+from .config import TowerConfig, load_config, parse_config
+from .preprocess import EncoderInputs, ImageProcessor
+from .tower import WEIGHT_MODES, MultiEncoderTower
+
+MODEL_TYPE = "fusion_vision"
+_GEOMETRY = ("hidden_size", "image_size", "patch_size", "num_patches", "image_mean", "image_std")
+
+
+def _resolve_tower_config(tower: Any, overrides: Any, keep_projector: bool) -> str:
+    """The full tower config for ``tower`` + ``overrides`` (projector dropped unless kept), as YAML."""
+    config = load_config(tower, overrides)
+    if not keep_projector:
+        config = load_config(config, {"projector.type": "none", "projector.out_dim": None})
+    return config.to_yaml()
+
+
+def _parse_tower_yaml(text: Any) -> TowerConfig:
+    if isinstance(text, dict):
+        return parse_config(copy.deepcopy(text))
+    if not isinstance(text, str):
+        raise TypeError(f"tower_config: expected the tower config as YAML text or a dict, got {type(text).__name__}")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"tower_config: not valid YAML: {err}") from err
+    return parse_config(raw)
+
+
+class FusionVisionConfig(PretrainedConfig):
+    """Configuration of :class:`FusionVisionModel`.
+
+    - ``tower``: a preset name, a ``.yaml``/``.json`` path or a config dict (see
+      :func:`fusion.load_config`); ``overrides``: dotted ``key=value`` strings or a dict.
+    - ``weights``: ``"pretrained"`` (each encoder's ``pretrained`` source) or ``"random"``
+      (seeded by ``seed``, no downloads). A model loaded with ``from_pretrained`` takes
+      every weight from the checkpoint whatever this says.
+    - ``keep_projector``: keep the tower's own projector (default False: the host
+      model's projector, e.g. Llava's ``multi_modal_projector``, does the projection).
+    - ``tower_config``: the resolved tower config as YAML text (filled in from the above
+      at construction, saved in ``config.json`` so a saved model depends neither on the
+      preset files nor on the config path). YAML text, not a JSON object, because
+      transformers writes ``config.json`` with sorted keys and the order of the encoders
+      is the channel order of the fused tokens.
+    - ``hidden_size``, ``image_size`` (the processor's square side ``S``), ``patch_size``
+      (``S // grid``, what Llava's processor divides by) and ``num_patches`` (tokens per
+      image), ``image_mean``/``image_std`` (what the tower's image processor reports):
+      the tower's geometry. They are filled in when the model is built, or by
+      :meth:`resolve_geometry`, and saved with the config.
+    """
+
+    model_type = MODEL_TYPE
+
+    tower: Union[str, dict] = "vsre"
+    overrides: Union[list, dict, None] = None
+    weights: str = "pretrained"
+    seed: int = 0
+    keep_projector: bool = False
+    tower_config: Union[str, dict, None] = None
+    hidden_size: Optional[int] = None
+    image_size: Optional[int] = None
+    patch_size: Optional[int] = None
+    num_patches: Optional[int] = None
+    image_mean: Optional[list] = None
+    image_std: Optional[list] = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.weights not in WEIGHT_MODES:
+            raise ValueError(f"weights: got {self.weights!r}; accepted values are {list(WEIGHT_MODES)}")
+        if isinstance(self.tower, TowerConfig):
+            self.tower = self.tower.to_dict()
+        if self.tower_config is None:
+            self.tower_config = _resolve_tower_config(self.tower, self.overrides, self.keep_projector)
+        else:  # a saved config: validate what was saved, as saved
+            self.tower_config = _parse_tower_yaml(self.tower_config).to_yaml()
+
+    def tower_config_object(self) -> TowerConfig:
+        """``tower_config`` as a validated :class:`fusion.TowerConfig`."""
+        return _parse_tower_yaml(self.tower_config)
+
+    def set_geometry(self, tower: MultiEncoderTower) -> None:
+        """Fill ``hidden_size``, ``image_size``, ``patch_size``, ``num_patches`` from a built tower."""
+        size = tower.image_processor.image_size
+        self.hidden_size = int(tower.hidden_size)
+        self.image_size = int(size)
+        self.patch_size = max(1, size // tower.num_patches_per_side)
+        self.num_patches = int(tower.num_patches)
+        self.image_mean = [float(v) for v in tower.image_processor.image_mean]
+        self.image_std = [float(v) for v in tower.image_processor.image_std]
+
+    def resolve_geometry(self) -> "FusionVisionConfig":
+        """Fill the geometry fields if unset, by building the tower with random weights on the CPU.
+
+        Building the model fills them for free; this is for code that needs them
+        before (a processor made ahead of the model). Returns ``self``.
+        """
+        if any(getattr(self, k) is None for k in _GEOMETRY):
+            self.set_geometry(MultiEncoderTower(self.tower_config_object(), weights="random", seed=self.seed))
+        return self
+
+    @property
+    def num_additional_image_tokens(self) -> int:
+        """Tokens beyond ``(image_size // patch_size) ** 2``: what Llava's processor must add
+        to count ``num_patches`` image tokens (0 unless the token count is not that square)."""
+        self.resolve_geometry()
+        return self.num_patches - (self.image_size // self.patch_size) ** 2
+
+
+def _building_under_meta() -> bool:
+    """True inside ``torch.device("meta")`` (transformers' ``from_pretrained`` builds models there)."""
+    return torch.empty(()).device.type == "meta"
+
+
+class FusionVisionModel(PreTrainedModel):
+    """The multi-encoder tower as a transformers model (see the module docstring).
+
+    ``self.tower`` is the :class:`fusion.MultiEncoderTower`. Frozen encoders stay frozen
+    (they run without autograd whatever ``requires_grad`` says); the merge norms and the
+    projector (if kept) train.
+    """
+
+    config_class = FusionVisionConfig
+    config: FusionVisionConfig
+    base_model_prefix = "fusion_vision"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: FusionVisionConfig):
+        super().__init__(config)
+        self.tower = self._build_tower(config)
+        config.set_geometry(self.tower)
+        self.post_init()
+
+    @staticmethod
+    def _build_tower(config: FusionVisionConfig) -> MultiEncoderTower:
+        tower_config = config.tower_config_object()
+        if not _building_under_meta():
+            return MultiEncoderTower(tower_config, weights=config.weights, seed=config.seed)
+        # from_pretrained: every weight comes from the checkpoint, so build on the CPU
+        # (the upstream builders cannot build on "meta") without initialising or
+        # downloading anything; transformers then loads the checkpoint into it.
+        from transformers.initialization import no_init_weights
+
+        with torch.device("cpu"), no_init_weights():
+            return MultiEncoderTower(tower_config, weights="random", seed=config.seed)
+
+    def _init_weights(self, module):
+        """Nothing: the tower initialises its own weights (upstream init or pretrained files)."""
+
+    @torch.no_grad()
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        """transformers calls this on every submodule after building the model and after
+        loading a checkpoint. The weights are the tower's own (never re-initialised);
+        what a checkpoint load breaks is repaired here: the non-persistent normalisation
+        constants (left uninitialised by a meta-device load) are re-created, and frozen
+        encoders, whose parameters the loader re-creates with ``requires_grad=True``,
+        are frozen again."""
+        if isinstance(module, EncoderInputs):
+            module._set_stats(module.mean_0.device)
+        elif isinstance(module, MultiEncoderTower):
+            for enc in module.encoders.values():
+                if enc.frozen:
+                    enc.requires_grad_(False)
+
+    # Llava reads ``vision_tower.patch_size`` when it splits features by ``image_sizes``.
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.tower.num_patches
+
+    def get_image_processor(self) -> "FusionImageProcessor":
+        return FusionImageProcessor.from_tower(self.tower)
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: Any = None,
+                return_dict: Optional[bool] = None, **kwargs) -> Union[BaseModelOutputWithPooling, Tuple]:
+        """``pixel_values [B, 3, S, S]`` in [0, 1] -> ``last_hidden_state [B, N, D]``.
+
+        ``output_hidden_states``: anything but None/False returns ``hidden_states`` (Llava
+        passes the layer index it will read). ``pooler_output`` is the token mean ``[B, D]``.
+        Extra keyword arguments from host models (attention settings, ...) are ignored.
+        """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        out = self.tower(pixel_values, return_dict=True)
+        want_hidden = output_hidden_states is not None and output_hidden_states is not False
+        hidden = out.hidden_states if want_hidden else None
+        pooled = out.tokens.mean(dim=1)
+        if not return_dict:
+            return tuple(v for v in (out.tokens, pooled, hidden) if v is not None)
+        return BaseModelOutputWithPooling(last_hidden_state=out.tokens, pooler_output=pooled, hidden_states=hidden)
+
+
+class FusionImageProcessor(BaseImageProcessor):
+    """:class:`fusion.ImageProcessor` as a transformers image processor.
+
+    ``processor(images, return_tensors="pt")["pixel_values"]`` is ``[B, 3, S, S]``
+    float32 in [0, 1], identical to ``tower.image_processor(images)``. Options:
+    ``image_size`` (``S``), ``mode`` (``pad`` / ``squash`` / ``crop``), ``image_mean`` /
+    ``image_std`` (reported for code that reads them, e.g. LLaVA's pad colour; not
+    applied), ``alpha``.
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(self, image_size: int = 336, mode: str = "pad", image_mean: Optional[List[float]] = None,
+                 image_std: Optional[List[float]] = None, alpha: str = "drop", **kwargs):
+        kwargs.pop("image_processor_type", None)
+        for key in ("size", "crop_size", "do_normalize"):  # derived, written by to_dict
+            kwargs.pop(key, None)
+        super().__init__(**kwargs)
+        proc = ImageProcessor(image_size, mode=mode, alpha=alpha,
+                              **{k: v for k, v in (("image_mean", image_mean), ("image_std", image_std)) if v})
+        self._proc = proc
+        self.image_size = proc.image_size
+        self.mode = proc.mode
+        self.alpha = proc.alpha
+        self.image_mean = list(proc.image_mean)
+        self.image_std = list(proc.image_std)
+        self.size = {"shortest_edge": proc.image_size}
+        self.crop_size = {"height": proc.image_size, "width": proc.image_size}
+        self.do_normalize = False
+
+    @classmethod
+    def from_tower(cls, tower: MultiEncoderTower) -> "FusionImageProcessor":
+        d = tower.image_processor.to_dict()
+        return cls(image_size=d["size"], mode=d["mode"], image_mean=d["image_mean"], image_std=d["image_std"],
+                   alpha=d["alpha"])
+
+    @classmethod
+    def from_vision_config(cls, config: FusionVisionConfig) -> "FusionImageProcessor":
+        """Without building the tower when the geometry is known (a saved config)."""
+        tower_config = config.tower_config_object()
+        config.resolve_geometry()
+        return cls(image_size=config.image_size, mode=tower_config.processor.mode, image_mean=config.image_mean,
+                   image_std=config.image_std)
+
+    def preprocess(self, images, return_tensors: Optional[str] = None, **kwargs) -> BatchFeature:
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None and k not in _IGNORED_KWARGS)
+        if unsupported:
+            raise ValueError(f"FusionImageProcessor: options {unsupported} are not supported; set image_size, "
+                             f"mode or alpha on the processor (the tower defines its own preprocessing)")
+        pixel_values = self._proc(images)["pixel_values"]
+        return BatchFeature({"pixel_values": pixel_values}, tensor_type=return_tensors)
+
+    def __call__(self, images, *args, **kwargs) -> BatchFeature:
+        return self.preprocess(images, *args, **kwargs)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_")}
+        out["image_processor_type"] = type(self).__name__
+        return out
+
+
+# Keyword arguments that transformers' processors pass along and that change nothing here.
+_IGNORED_KWARGS = {"device", "input_data_format", "data_format", "do_convert_rgb"}
+
+
+# ----------------------------------------------------------------------------- Llava helpers
+
+
+def llava_config(vision_config: FusionVisionConfig, text_config, image_token_id: int, **kwargs):
+    """A ``transformers.LlavaConfig`` set up for the tower: ``vision_feature_layer=-1``,
+    ``vision_feature_select_strategy="full"``, ``image_seq_length = num_patches``.
+
+    ``kwargs`` go to ``LlavaConfig`` (e.g. ``projector_hidden_act``); the three settings
+    above cannot be overridden, because any other value feeds Llava the wrong tokens.
+    """
+    from transformers import LlavaConfig
+
+    if not isinstance(vision_config, FusionVisionConfig):
+        raise TypeError(f"vision_config: expected a FusionVisionConfig, got {type(vision_config).__name__}")
+    fixed = {"vision_feature_layer": -1, "vision_feature_select_strategy": "full"}
+    for key, value in fixed.items():
+        if key in kwargs and kwargs[key] != value:
+            raise ValueError(f"{key}: the fused tokens need {key}={value!r} (got {kwargs[key]!r}); the tower's "
+                             f"tokens are hidden_states[-1] and have no CLS token to drop")
+        kwargs.pop(key, None)
+    vision_config.resolve_geometry()
+    return LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,
+                       image_seq_length=vision_config.num_patches, **fixed, **kwargs)
+
+
+def llava_processor(tokenizer, vision_config: FusionVisionConfig, image_token: str = "<image>",
+                    chat_template: Optional[str] = None, image_processor: Optional[FusionImageProcessor] = None):
+    """A ``transformers.LlavaProcessor`` whose image-token count per image is the tower's
+    ``num_patches`` (``image_token`` must be a token of ``tokenizer``)."""
+    from transformers import LlavaProcessor
+
+    vision_config.resolve_geometry()
+    if image_processor is None:
+        image_processor = FusionImageProcessor.from_vision_config(vision_config)
+    if image_processor.image_size != vision_config.image_size:
+        raise ValueError(f"image_processor.image_size: {image_processor.image_size} differs from the tower's "
+                         f"image_size {vision_config.image_size}")
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
+                          vision_feature_select_strategy="full", image_token=image_token, chat_template=chat_template,
+                          num_additional_image_tokens=vision_config.num_additional_image_tokens)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def register() -> None:
+    """Register the classes with AutoConfig / AutoModel / AutoImageProcessor (done on import)."""
+    AutoConfig.register(MODEL_TYPE, FusionVisionConfig, exist_ok=True)
+    AutoModel.register(FusionVisionConfig, FusionVisionModel, exist_ok=True)
+    AutoImageProcessor.register(FusionVisionConfig, image_processor_classes={"torchvision": FusionImageProcessor,
+                                                                            "pil": FusionImageProcessor},
+                                exist_ok=True)
+
+
+register()
+
+__all__ = ["FusionImageProcessor", "FusionVisionConfig", "FusionVisionModel", "llava_config", "llava_processor",
+           "register"]

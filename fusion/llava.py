@@ -1,0 +1,231 @@
+"""LLaVA's own code (haotian-liu/LLaVA): the tower behind LLaVA's vision-tower interface.
+
+LLaVA builds its tower in ``llava/model/multimodal_encoder/builder.py``::
+
+    def build_vision_tower(vision_tower_cfg, **kwargs):
+        vision_tower = getattr(vision_tower_cfg, 'mm_vision_tower', getattr(vision_tower_cfg, 'vision_tower', None))
+        ...
+        return CLIPVisionTower(vision_tower, args=vision_tower_cfg, **kwargs)
+
+:func:`build_vision_tower` has the same signature, so the one-line change is, in
+``llava/model/llava_arch.py``::
+
+    from fusion.llava import build_vision_tower   # was: from .multimodal_encoder.builder import ...
+
+and ``--vision_tower vsre`` (a preset, a ``.yaml``/``.json`` config file, optionally
+followed by ``key=value`` overrides: ``--vision_tower "vsre fusion.grid=16"``).
+
+:class:`FusionVisionTower` mirrors LLaVA's ``CLIPVisionTower(vision_tower, args,
+delay_load)``: ``is_loaded``, ``load_model(device_map)``, ``vision_tower`` (the
+:class:`~fusion.MultiEncoderTower`, once loaded), ``image_processor`` (``image_mean``,
+``crop_size``, ``preprocess(images, return_tensors="pt")``), ``select_layer``,
+``select_feature``, ``hidden_size``, ``num_patches``, ``num_patches_per_side``,
+``dtype``, ``device``, ``dummy_feature``, ``config``; ``forward(images)`` takes a
+``[B, 3, S, S]`` tensor or a list of ``[3, S, S]`` tensors (LLaVA's two call forms) and
+returns features in the images' dtype.
+
+How LLaVA's arguments map:
+
+- ``mm_vision_select_layer`` (LLaVA-1.5 passes ``-2``) sets ``encoders.<name>.layer``
+  of every **CLIP** encoder (``type: clip``): it is CLIP's ``hidden_states`` index and
+  the meaning is the same (``-k``: the output of the k-th block from the end, before the
+  final norm; ``k >= 1``: of the k-th block). The other encoders keep the layer their
+  config chooses (their best layer differs per family; set it in the config or as an
+  override in the tower name). Without the attribute, every encoder keeps its config.
+- ``mm_vision_select_feature``: ``"patch"`` (LLaVA's default: drop CLIP's CLS token).
+  The fused tokens are all patch tokens, so nothing is dropped; ``"cls_patch"`` is a
+  ``ValueError`` (there is no CLS token to keep).
+- ``delay_load=True``: only the config is read (the encoders are built by
+  :meth:`FusionVisionTower.load_model`), as LLaVA does when it rebuilds a saved model.
+  ``unfreeze_mm_vision_tower=True`` loads at once and unfreezes every encoder.
+- **The projector.** LLaVA's ``mm_projector`` (``mlp2x_gelu``, from
+  ``mm_hidden_size = tower.hidden_size``) is what LLaVA trains (stage 1 trains *only*
+  it), so the tower's own projector is dropped (``projector.type: none``) unless
+  ``keep_projector=True``; a kept projector would stay untrained in LLaVA's recipe.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import warnings
+from typing import Any, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .config import TowerConfig, load_config
+from .tower import MultiEncoderTower
+
+SELECT_FEATURES = ("patch", "cls_patch")
+SELECT_LAYER_TYPES = ("clip",)
+
+
+def parse_tower_name(name: Any) -> Tuple[str, List[str]]:
+    """``"vsre fusion.grid=16"`` -> ``("vsre", ["fusion.grid=16"])`` (shell-style quoting for paths)."""
+    if isinstance(name, os.PathLike):
+        return os.fspath(name), []
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"mm_vision_tower: expected a preset name or a config file, optionally followed by "
+                         f"key=value overrides, got {name!r}")
+    parts = shlex.split(name)
+    source, overrides = parts[0], parts[1:]
+    bad = [p for p in overrides if "=" not in p]
+    if bad:
+        raise ValueError(f"mm_vision_tower: {name!r}: after the preset or config file only key=value overrides "
+                         f"may follow, got {bad}")
+    return source, overrides
+
+
+def llava_tower_config(vision_tower: Any, select_layer: Optional[int] = None, unfreeze: bool = False,
+                       keep_projector: bool = False) -> TowerConfig:
+    """The tower config LLaVA's arguments ask for (see the module docstring for the mapping)."""
+    source, overrides = parse_tower_name(vision_tower)
+    config = load_config(source, overrides)
+    changes = {}
+    if select_layer is not None:
+        if isinstance(select_layer, bool) or not isinstance(select_layer, int):
+            raise ValueError(f"mm_vision_select_layer: expected an int (-2: the second-to-last block), "
+                             f"got {select_layer!r}")
+        if select_layer == 0:
+            raise ValueError("mm_vision_select_layer: 0 is CLIP's embedding output, which the tower does not "
+                             "offer; use -k (k-th block from the end) or k >= 1 (k-th block)")
+        for name, enc in config.encoders.items():
+            if enc.type in SELECT_LAYER_TYPES:
+                changes[f"encoders.{name}.layer"] = select_layer
+    if unfreeze:
+        changes.update({f"encoders.{name}.freeze": False for name in config.encoders})
+    if not keep_projector:
+        changes.update({"projector.type": "none", "projector.out_dim": None})
+    return load_config(config, changes)
+
+
+class FusionVisionTower(nn.Module):
+    """LLaVA's ``CLIPVisionTower`` interface around a :class:`~fusion.MultiEncoderTower`."""
+
+    def __init__(self, vision_tower: Any, args: Any = None, delay_load: bool = False, weights: str = "pretrained",
+                 seed: int = 0, keep_projector: bool = False):
+        super().__init__()
+        self.is_loaded = False
+        self.vision_tower_name = vision_tower
+        self.select_layer = getattr(args, "mm_vision_select_layer", None)
+        self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
+        if self.select_feature not in SELECT_FEATURES:
+            raise ValueError(f"mm_vision_select_feature: got {self.select_feature!r}; accepted values are "
+                             f"{list(SELECT_FEATURES)}")
+        if self.select_feature == "cls_patch":
+            raise ValueError("mm_vision_select_feature: 'cls_patch' keeps CLIP's CLS token, but the fused tokens "
+                             "have none (every token is a patch token); use 'patch'")
+        self.unfreeze = bool(getattr(args, "unfreeze_mm_vision_tower", False))
+        self.weights = weights
+        self.seed = seed
+        # cfg_only, as in LLaVA: the config without the encoders (cheap: no model is built).
+        self.cfg_only = llava_tower_config(vision_tower, self.select_layer, self.unfreeze, keep_projector)
+        self.vision_tower: Optional[MultiEncoderTower] = None
+        self.image_processor = None
+        self._geometry: Optional[Tuple[int, int]] = None  # (hidden_size, num_patches) before load_model
+        if not delay_load or self.unfreeze:
+            self.load_model()
+
+    def load_model(self, device_map: Any = None) -> None:
+        """Build the encoders (downloading/reading their weights); a second call does nothing."""
+        if self.is_loaded:
+            warnings.warn(f"{self.vision_tower_name} is already loaded, `load_model` called again, skipping.")
+            return
+        tower = MultiEncoderTower(self.cfg_only, weights=self.weights, seed=self.seed)
+        if not self.unfreeze:
+            tower.requires_grad_(False)  # as LLaVA: the tower is frozen, mm_projector trains
+        device = _device_from_map(device_map)
+        if device is not None:
+            tower.to(device)
+        self.vision_tower = tower
+        self.image_processor = tower.image_processor
+        self.is_loaded = True
+
+    def feature_select(self, tokens: torch.Tensor) -> torch.Tensor:
+        """LLaVA's ``feature_select``: ``"patch"`` keeps every fused token (none is a CLS token)."""
+        return tokens
+
+    def forward(self, images: Union[torch.Tensor, List[torch.Tensor]]) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """``[B, 3, S, S]`` -> ``[B, N, hidden_size]``; a list of ``[3, S, S]`` -> a list of
+        ``[1, N, hidden_size]``. Features come back in the images' dtype (as LLaVA's tower)."""
+        if not self.is_loaded:
+            raise RuntimeError(f"vision tower {self.vision_tower_name!r} was built with delay_load=True; "
+                               f"call load_model() before forward")
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(grad):
+            if isinstance(images, (list, tuple)):
+                return [self.feature_select(self.vision_tower(im.unsqueeze(0))).to(im.dtype) for im in images]
+            return self.feature_select(self.vision_tower(images)).to(images.dtype)
+
+    # ------------------------------------------------------------------ LLaVA's properties
+
+    @property
+    def config(self) -> TowerConfig:
+        return self.vision_tower.config if self.is_loaded else self.cfg_only
+
+    def _sizes(self) -> Tuple[int, int]:
+        """``(hidden_size, num_patches)``; before load_model they come from a random-weight build
+        of the same config (made once and dropped, as LLaVA's ``cfg_only`` answers them unloaded)."""
+        if self.is_loaded:
+            return self.vision_tower.hidden_size, self.vision_tower.num_patches
+        if self._geometry is None:
+            probe = MultiEncoderTower(self.cfg_only, weights="random", seed=self.seed)
+            self._geometry = (probe.hidden_size, probe.num_patches)
+        return self._geometry
+
+    @property
+    def hidden_size(self) -> int:
+        return self._sizes()[0]
+
+    @property
+    def num_patches(self) -> int:
+        return self._sizes()[1]
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.cfg_only.fusion.grid
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision_tower.dtype if self.is_loaded else torch.get_default_dtype()
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision_tower.device if self.is_loaded else torch.device("cpu")
+
+    @property
+    def dummy_feature(self) -> torch.Tensor:
+        return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
+
+
+def _device_from_map(device_map: Any) -> Optional[torch.device]:
+    """LLaVA passes ``device_map`` as ``"auto"``, a device, or ``{"": device}``."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise ValueError(f"device_map: the tower goes on one device; expected a device or {{'': device}}, "
+                             f"got {device_map!r}")
+        device_map = device_map[""]
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    return torch.device(device_map)
+
+
+def build_vision_tower(vision_tower_cfg: Any, **kwargs) -> FusionVisionTower:
+    """Drop-in for LLaVA's ``build_vision_tower(vision_tower_cfg, **kwargs)``.
+
+    Reads ``mm_vision_tower`` (or ``vision_tower``, as LLaVA's ``ModelArguments`` name it)
+    from ``vision_tower_cfg``; ``kwargs`` (``delay_load``, and fusion's ``weights``,
+    ``seed``, ``keep_projector``) go to :class:`FusionVisionTower`.
+    """
+    name = getattr(vision_tower_cfg, "mm_vision_tower", getattr(vision_tower_cfg, "vision_tower", None))
+    if name is None:
+        raise ValueError("mm_vision_tower: the config names no vision tower (neither mm_vision_tower nor "
+                         "vision_tower is set)")
+    return FusionVisionTower(name, args=vision_tower_cfg, **kwargs)
+
+
+__all__ = ["FusionVisionTower", "build_vision_tower", "llava_tower_config", "parse_tower_name"]

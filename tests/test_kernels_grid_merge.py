@@ -1,0 +1,230 @@
+"""grid_merge: the Triton kernels (run by the Triton interpreter on CPU) against fp64 PyTorch.
+
+Forward and backward (grids, LayerNorm weight and bias) are compared with the naive
+PyTorch sequence evaluated in fp64: fp32 within 1e-5, fp16 within 2e-2 (relative to
+max(1, |reference|)). The default run covers every grid size, target, channel count,
+dtype, batch size, layout and norm variant at least once; `pytest -m slow` runs the
+full cartesian sweep and more random shapes.
+"""
+import itertools
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fusion.kernels  # noqa: F401
+from fusion.kernels import grid_merge, naive_grid_merge
+
+GM = sys.modules["fusion.kernels.grid_merge"]  # the module (the package binds the function)
+TOL = {torch.float32: 1e-5, torch.float16: 2e-2}
+
+
+def assert_close(got, want, tol, what=""):
+    err = (got.double() - want.double()).abs()
+    scale = max(1.0, want.double().abs().max().item())
+    worst = err.max().item()
+    idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
+    assert worst <= tol * scale, (f"{what}: worst |diff| {worst:.3e} at {idx} "
+                                  f"(got {got.double()[idx].item():.6g}, want {want.double()[idx].item():.6g}), "
+                                  f"tolerance {tol:g} x {scale:.3g}")
+
+
+def _layout_as(x64, dtype, style):
+    """``x64`` [B, h, w, C] in ``dtype``, stored contiguously, NCHW-permuted or sliced."""
+    if style == "nchw":
+        return x64.permute(0, 3, 1, 2).to(dtype).contiguous().permute(0, 2, 3, 1)
+    if style == "sliced":
+        B, h, w, C = x64.shape
+        big = torch.zeros(B, h, w + 2, C + 3, dtype=dtype)
+        big[:, :, 1:w + 1, :C] = x64.to(dtype)
+        return big[:, :, 1:w + 1, :C]
+    return x64.to(dtype).contiguous()
+
+
+def _norms(chans, kind):
+    """Per grid: None, or fp32 (weight, bias) pairs with parts dropped per ``kind``."""
+    if kind is None:
+        return None
+    out = []
+    for i, c in enumerate(chans):
+        w = torch.randn(c) if kind in ("affine", "weight") else None
+        b = torch.randn(c) if kind in ("affine", "bias") else None
+        out.append(None if (kind == "mixed" and i % 2) else (w, b))
+    return out
+
+
+def check_merge(specs, size, mode="area", dtype=torch.float32, B=1, norm=None, style="contig",
+                layout="channel", grad_grids=True):
+    """Triton forward + backward of ``grid_merge`` against naive fp64 PyTorch."""
+    masters = [torch.randn(B, h, w, c, dtype=torch.float64) for h, w, c in specs]
+    grids = [_layout_as(m, dtype, style).requires_grad_(grad_grids) for m in masters]
+    norms = _norms([c for _, _, c in specs], "affine" if norm == "mixed" else norm)
+    if norm == "mixed":
+        norms = [n if i % 2 == 0 else None for i, n in enumerate(norms)]
+    params = [p for n in (norms or []) if n is not None for p in n if p is not None]
+    for p in params:
+        p.requires_grad_(True)
+    out = grid_merge(grids, size, mode, norms, layout=layout, backend="triton")
+    ref_in = [g.detach().double().requires_grad_(True) for g in grids]
+    ref_norms = None if norms is None else [
+        None if n is None else tuple(None if p is None else p.detach().double().requires_grad_(True) for p in n)
+        for n in norms]
+    ref = naive_grid_merge(ref_in, size if isinstance(size, tuple) else (size, size), mode, ref_norms,
+                           layout=layout)
+    tol = TOL[dtype]
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close(out, ref, tol, "forward")
+    go = torch.randn_like(ref).to(dtype)
+    mine = [g for g in grids if grad_grids] + params
+    theirs = [g for g in ref_in if grad_grids] + [p for n in (ref_norms or []) if n is not None
+                                                  for p in n if p is not None]
+    if not mine:
+        return
+    got = torch.autograd.grad(out, mine, go)
+    want = torch.autograd.grad(ref, theirs, go.double())
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape
+        assert_close(a, b, tol, f"grad {i} ({'grid' if i < len(grids) and grad_grids else 'norm'})")
+
+
+CASES = [  # (specs [(h, w, C)], size, mode, dtype, B, norm, style, layout)
+    ([(24, 24, 64), (27, 27, 3)], 24, "area", torch.float32, 1, "affine", "contig", "channel"),
+    ([(64, 64, 3), (37, 37, 1)], 24, "area", torch.float32, 1, "affine", "nchw", "channel"),
+    ([(7, 7, 257)], 32, "bilinear", torch.float32, 1, "plain", "sliced", "channel"),
+    ([(16, 16, 64), (1, 1, 3)], 12, "bilinear", torch.float16, 3, "affine", "contig", "channel"),
+    ([(27, 27, 64), (24, 24, 64)], 7, "area", torch.float16, 1, None, "nchw", "sequence"),
+    ([(37, 37, 3)], 16, "bilinear", torch.float32, 3, "weight", "contig", "channel"),
+    ([(64, 64, 1), (1, 1, 64)], 1, "area", torch.float32, 1, "bias", "sliced", "channel"),
+    ([(1, 1, 3), (7, 16, 64)], (7, 12), "area", torch.float32, 1, "mixed", "contig", "channel"),
+]
+
+
+@pytest.mark.parametrize("specs,size,mode,dtype,B,norm,style,layout", CASES)
+def test_triton_matches_reference(specs, size, mode, dtype, B, norm, style, layout):
+    check_merge(specs, size, mode, dtype, B, norm, style, layout)
+
+
+def test_frozen_grids_only_norm_grads():
+    """Frozen encoders: grids without grad, trainable LayerNorm (the tower's case)."""
+    check_merge([(27, 27, 16), (24, 24, 8)], 24, norm="affine", grad_grids=False)
+
+
+@pytest.mark.parametrize("mode,h,H", [("area", 27, 24), ("bilinear", 9, 24), ("bilinear", 13, 5)])
+def test_row_bands_match_single_band(mode, h, H):
+    """Row bands (used on GPUs for small batches) change the launch, not the result."""
+    x = torch.randn(2, h, h, 5)
+    w, b = torch.randn(5), torch.randn(5)
+    g = torch.randn(2, H * H, 5)
+    args = ([x], [w], [b], [True])
+    outs = [GM.grid_merge_forward(*args, H, H, mode, 1e-5, "channel", row_blocks=(rb, rb)) for rb in (1, 3)]
+    assert torch.equal(outs[0], outs[1])
+    grads = [GM.grid_merge_backward(g, *args, [True], H, H, mode, 1e-5, "channel", row_blocks=(rb, rb))
+             for rb in (1, 3)]
+    for a, c in zip(*grads):
+        assert_close(a, c, 1e-6, "banded backward")
+
+
+def test_backward_is_deterministic():
+    x = torch.randn(1, 37, 37, 8, requires_grad=True)
+    w = torch.randn(8, requires_grad=True)
+    runs = []
+    for _ in range(2):
+        out = grid_merge([x], 24, norms=[(w, None)], backend="triton")
+        runs.append(torch.autograd.grad(out, [x, w], torch.ones_like(out)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(h=st.integers(1, 40), w=st.integers(1, 40), H=st.integers(1, 33), W=st.integers(1, 33),
+       C=st.integers(1, 40), B=st.integers(1, 2), mode=st.sampled_from(["area", "bilinear"]),
+       norm=st.sampled_from([None, "affine", "plain"]))
+def test_random_shapes(h, w, H, W, C, B, mode, norm):
+    check_merge([(h, w, C)], (H, W), mode, torch.float32, B, norm)
+
+
+# --------------------------------------------------------------------------------------
+# torch.library registration: opcheck, torch.compile(fullgraph=True), torch.export
+# --------------------------------------------------------------------------------------
+
+def _small():
+    x = torch.randn(2, 9, 7, 4, requires_grad=True)
+    y = torch.randn(2, 5, 5, 4, requires_grad=True)
+    w, b = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    return x, y, w, b
+
+
+def test_opcheck():
+    x, y, w, b = _small()
+    torch.library.opcheck(torch.ops.fusion.grid_merge.default,
+                          ([x, y], [w, torch.empty(0)], [b, torch.empty(0)], [True, False], 6, 6, "area",
+                           1e-5, "channel"))
+
+
+def test_compile_fullgraph_aot_eager():
+    """Dynamo + AOTAutograd trace through the custom op (fake impl + autograd) without breaks."""
+    x, y, w, b = _small()
+
+    def f(x, y, w, b):
+        return grid_merge([x, y], 6, "bilinear", [(w, b), None], backend="triton").square().sum()
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, y, w, b)
+    grads = torch.autograd.grad(got, [x, y, w, b])
+    want = f(x, y, w, b)
+    wgrads = torch.autograd.grad(want, [x, y, w, b])
+    assert_close(got, want, 1e-5, "compiled forward")
+    for a, c in zip(grads, wgrads):
+        assert_close(a, c, 1e-5, "compiled backward")
+
+
+def test_export():
+    class M(torch.nn.Module):
+        def forward(self, x, y):
+            return grid_merge([x, y], 6, layout="sequence", backend="triton")
+
+    x, y, _, _ = _small()
+    ep = torch.export.export(M(), (x.detach(), y.detach()))
+    assert "fusion.grid_merge" in str(ep.graph)
+    assert_close(ep.module()(x.detach(), y.detach()), M()(x.detach(), y.detach()), 0, "exported")
+
+
+@pytest.mark.slow
+def test_compile_inductor():
+    x, y, w, b = _small()
+
+    def f(x, y, w, b):
+        return grid_merge([x, y], 6, "area", [(w, b), None], backend="triton") * 2
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(x, y, w, b)
+    assert_close(got, f(x, y, w, b), 1e-6, "inductor")
+
+
+# --------------------------------------------------------------------------------------
+# Slow: the full sweep of the issue's shapes, and many more random shapes
+# --------------------------------------------------------------------------------------
+
+GRIDS, TARGETS, CHANNELS = (1, 7, 16, 24, 27, 37, 64), (1, 7, 12, 16, 24, 32), (1, 3, 64, 257)
+SWEEP = list(itertools.product(GRIDS, TARGETS, CHANNELS, (1, 3), (torch.float32, torch.float16),
+                               ("affine", None)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("g,t,c,B,dtype,norm", SWEEP)
+def test_sweep(g, t, c, B, dtype, norm):
+    idx = SWEEP.index((g, t, c, B, dtype, norm))
+    check_merge([(g, g, c)], t, ("area", "bilinear")[idx % 2], dtype, B, norm,
+                ("contig", "nchw", "sliced")[idx % 3])
+
+
+@pytest.mark.slow
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shapes=st.lists(st.tuples(st.integers(1, 70), st.integers(1, 70), st.integers(1, 300)),
+                       min_size=1, max_size=3),
+       H=st.integers(1, 40), W=st.integers(1, 40), B=st.integers(1, 3),
+       mode=st.sampled_from(["area", "bilinear"]), norm=st.sampled_from([None, "affine", "plain", "mixed"]),
+       style=st.sampled_from(["contig", "nchw", "sliced"]))
+def test_random_shapes_many(shapes, H, W, B, mode, norm, style):
+    check_merge(shapes, (H, W), mode, torch.float32, B, norm, style)

@@ -1,0 +1,70 @@
+"""The Triton kernels read each input once and write each output once (vsre grids).
+
+Runs benchmarks/traffic.py in a subprocess (it needs the Triton interpreter, whatever
+device this machine has), which counts the bytes every load and store of the kernels
+touches, and checks each op and direction against the minimal bytes: within 1.10x.
+A kernel that gathers overlapping windows (27->24 reads SigLIP's grid 3.2x) fails.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT = 1.10
+
+
+def _run(args, tmp_path):
+    out = tmp_path / "traffic.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "traffic.py"), *args, "--json", str(out)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_vsre_traffic_within_limit(tmp_path):
+    # channels / 8 for interpreter speed; the launch geometry is that of the real channels
+    rows, table = _run(["--channel-div", "8"], tmp_path)
+    assert len(rows) == 10, table
+    for r in rows:
+        # >= 1: every input byte is needed (area), so a smaller count means the hooks broke
+        assert 1.0 <= r["ratio"] <= LIMIT, f"{r['op']} {r['grid']}: ratio {r['ratio']:.3f}\n{table}"
+
+
+@pytest.mark.slow
+def test_vsre_traffic_real_channels_and_gpu_bands(tmp_path):
+    for args in ([], ["--sms", "132", "--policy-batch", "4"], ["--mode", "bilinear", "--channel-div", "8"]):
+        rows, table = _run(args, tmp_path)
+        worst = max(rows, key=lambda r: r["ratio"])
+        assert worst["ratio"] <= LIMIT, f"{args}: {worst['op']} {worst['grid']} {worst['ratio']:.3f}\n{table}"
+
+
+def test_counter_sees_a_re_read():
+    """The byte counter itself: a kernel that loads its input twice counts 2x."""
+    code = r'''
+import sys, torch, triton, triton.language as tl
+sys.path.insert(0, "benchmarks")
+from traffic import counting
+
+@triton.jit
+def twice(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    m = offs < n
+    a = tl.load(x_ptr + offs, mask=m)
+    b = tl.load(x_ptr + offs, mask=m)
+    tl.store(y_ptr + offs, a + b, mask=m)
+
+x = torch.randn(100)
+y = torch.empty(100)
+with counting() as c:
+    twice[(1,)](x, y, 100, BLOCK=128)
+print(c.bytes["x_ptr"][0], c.bytes["y_ptr"][1])
+'''
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["800", "400"], proc.stdout
