@@ -26,8 +26,9 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "dev": ["pytest>=7.4", "hypothesis>=6.90"],
-        "hf": ["transformers>=4.45"],
+        # transformers in dev so CI runs tests/test_hf.py (it is skipped without it)
+        "dev": ["pytest>=7.4", "hypothesis>=6.90", "transformers>=5.0"],
+        "hf": ["transformers>=5.0"],  # fusion.hf: transformers 5's dataclass configs
         "bench": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["fusion-tower=fusion.cli:main"]},

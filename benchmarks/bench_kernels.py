@@ -13,6 +13,7 @@ same grids, B=16, fp32, with this machine's copy bandwidth measured in the same 
     python benchmarks/bench_kernels.py              # full run for this device
     python benchmarks/bench_kernels.py --quick      # a fast sanity run
     python benchmarks/bench_kernels.py --compile    # CPU: add torch.compile(reference) (slow)
+    python benchmarks/bench_kernels.py --threads 1  # CPU: one thread (steadier on a busy machine)
     python benchmarks/bench_kernels.py --ptx-report # registers / spills of the kernels for
                                                      # sm_90, compiled without a GPU
 """
@@ -125,6 +126,14 @@ def copy_bandwidth(device, nbytes, timer, reps):
 # Runs
 # --------------------------------------------------------------------------------------
 
+def fresh_write_bandwidth(nbytes, reps):
+    """GB/s of writing a freshly allocated buffer (page faults included), as every op
+    does for its output; on small VMs this, not the copy bandwidth, bounds the CPU path."""
+    n = nbytes // 4
+    ms = cpu_time(lambda: torch.empty(n).fill_(1.0), reps)
+    return n * 4 / ms / 1e6
+
+
 def run_gpu(args):
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
@@ -163,6 +172,9 @@ def run_cpu(args):
     print(f"CPU: {torch.get_num_threads()} threads; vsre grids -> {TARGET}x{TARGET}, B={B}, float32")
     rows = []
     copy = copy_bandwidth(dev, 512 << 20, cpu_time, reps)
+    fresh = fresh_write_bandwidth(256 << 20, reps)
+    print(f"copy bandwidth {copy:.2f} GB/s (read + write, warm buffers); writing a fresh allocation "
+          f"{fresh:.2f} GB/s (page faults)")
     for op, make in CASES.items():
         cases, inputs, minimal = make(B, torch.float32, dev)
         for p in ("fwd", "both"):
@@ -180,6 +192,11 @@ def run_cpu(args):
                       f" = {rows[-1]['pct_copy']:5.1f}% of copy ({copy:.2f} GB/s)   x{rows[-1]['x_naive']:.2f} vs naive",
                       flush=True)
     write_csv(rows, args.out, "cpu")
+    _, _, minimal = merge_case(B, torch.float32, dev)
+    out_bytes = B * TARGET * TARGET * sum(c for _, c in VSRE) * 4
+    floor = out_bytes / fresh / 1e6 + (minimal["fwd"] - out_bytes) / copy / 1e6
+    print(f"bound: any grid_merge forward that writes a fresh output needs >= {floor:.0f} ms here "
+          f"(= {100 * minimal['fwd'] / floor / 1e6 / copy:.0f}% of copy bandwidth on the minimal bytes)")
 
 
 def write_csv(rows, out, tag):
@@ -285,7 +302,10 @@ def main(argv=None):
     ap.add_argument("--out", default="bench_results", help="folder for the CSV and plots")
     ap.add_argument("--ptx-report", action="store_true", help="compile for --arch without a GPU, print regs")
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--threads", type=int, help="CPU: torch.set_num_threads (1 is steadier on a busy machine)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.ptx_report:
         return ptx_report(args)
     if torch.cuda.is_available():

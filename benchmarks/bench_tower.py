@@ -34,8 +34,9 @@ times come from the synchronised runs, so they need not add up to ``total``); co
 the two towers within one run, not absolute numbers across machines.
 
 Writes ``bench_tower.csv`` (one row per preset and tower), ``bench_tower_stages.csv``
-(one row per stage) and ``bench_tower.png`` (stacked per-stage bars; needs matplotlib:
-``pip install fusion-tower[bench]``) to ``--out``.
+(one row per stage), ``bench_tower.md`` (the printed table) and ``bench_tower.png``
+(stacked per-stage bars; needs matplotlib: ``pip install fusion-tower[bench]``) to
+``--out``; ``--plot-only`` redraws the table and plot from the CSVs there.
 """
 from __future__ import annotations
 
@@ -285,7 +286,7 @@ def print_table(rows: List[dict]) -> str:
     for r in rows:
         st = r["stages"]
         enc = sum(v for k, v in st.items() if k.startswith("enc:"))
-        lines.append((r["preset"], r["tower"], f"{r['images_per_s']:.2f}",
+        lines.append((r["preset"], r["tower"], f"{r['images_per_s']:.3g}",
                       f"{r['speedup_vs_naive']:.2f}x" if r["tower"] == "fusion" else "",
                       f"{r['peak_mb']:.0f}", f"{r['total_ms']:.1f}", f"{st.get('preprocess', 0):.1f}",
                       f"{enc:.1f}", f"{st.get('merge', 0):.2f}", f"{st.get('projector', 0):.2f}"))
@@ -296,6 +297,16 @@ def print_table(rows: List[dict]) -> str:
     text = "\n".join(out)
     print(text)
     return text
+
+
+def write_markdown(rows: List[dict], table: str, out: Path) -> None:
+    """``bench_tower.md``: the table with the device and settings it was measured with."""
+    r = rows[0]
+    (out / "bench_tower.md").write_text(
+        f"Device: {r['device']}; batch {r['batch']}, minimum of {r['iters']} iterations after a warm-up; random "
+        f"weights. Times in ms per batch; `speedup` is naive total / fusion total. The encoders and the "
+        f"projector are the same modules in both towers, so on a shared, noisy machine compare the stages "
+        f"that differ (preprocess, merge) rather than totals dominated by the encoders.\n\n{table}\n")
 
 
 def write_csv(rows: List[dict], out: Path) -> None:
@@ -313,7 +324,7 @@ def write_csv(rows: List[dict], out: Path) -> None:
                         f"{st.get('projector', 0):.3f}", f"{r['build_s']:.1f}"])
     with open(out / "bench_tower_stages.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["preset", "tower", "device", "batch", "stage", "median_ms"])
+        w.writerow(["preset", "tower", "device", "batch", "stage", "min_ms"])
         for r in rows:
             for stage, ms in r["stages"].items():
                 w.writerow([r["preset"], r["tower"], r["device"], r["batch"], stage, f"{ms:.3f}"])
@@ -347,7 +358,7 @@ def plot(rows: List[dict], out: Path) -> bool:
         ax.invert_yaxis()
         ax.set_title(f"{preset} (batch {pr[0]['batch']})", fontsize=10, loc="left")
         ax.set_xlabel("ms per batch (minimum over iterations)", fontsize=8)
-        ax.margins(x=0.35)
+        ax.set_xlim(0, 1.45 * max(sum(r["stages"].values()) for r in pr))  # room for the labels
     handles, labels = [], []
     for ax in axes[:, 0]:
         for h, l in zip(*ax.get_legend_handles_labels()):
@@ -362,6 +373,22 @@ def plot(rows: List[dict], out: Path) -> bool:
     return True
 
 
+def read_csv(out: Path) -> List[dict]:
+    """The rows of an earlier run, from its two CSVs (for ``--plot-only``)."""
+    with open(out / "bench_tower_stages.csv", newline="") as f:
+        stages = list(csv.DictReader(f))
+    rows = []
+    with open(out / "bench_tower.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            rows.append({"preset": r["preset"], "tower": r["tower"], "device": r["device"], "batch": int(r["batch"]),
+                         "iters": int(r["iters"]), "images_per_s": float(r["images_per_s"]),
+                         "speedup_vs_naive": float(r["speedup_vs_naive"]), "peak_mb": float(r["peak_mb"]),
+                         "total_ms": float(r["total_ms"]), "build_s": float(r["build_s"]),
+                         "stages": {x["stage"]: float(x["min_ms"]) for x in stages
+                                    if x["preset"] == r["preset"] and x["tower"] == r["tower"]}})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default=",".join(PRESETS), help=f"comma-separated (default {','.join(PRESETS)})")
@@ -371,7 +398,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench_results", help="folder for the CSVs and the plot")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the table and plot from the CSVs in --out")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        rows = read_csv(Path(args.out))
+        write_markdown(rows, print_table(rows), Path(args.out))
+        return 0 if plot(rows, Path(args.out)) else 1
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     unknown = [p for p in presets if p not in fusion.list_presets()]
     if unknown:
@@ -389,7 +421,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         rows += bench_preset(preset, args.batch_size, args.iters, device, args.seed)
         print(f"  {preset}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    print_table(rows)
+    write_markdown(rows, print_table(rows), out)
     write_csv(rows, out)
     plotted = plot(rows, out)
     print(f"wrote {out / 'bench_tower.csv'}, {out / 'bench_tower_stages.csv'}"

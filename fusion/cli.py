@@ -98,7 +98,9 @@ def cmd_extract(args) -> int:
         result = extract_features(tower, images, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
                                   rank=env.rank, world_size=env.world_size,
                                   progress=not args.no_progress and env.rank == 0,
-                                  cache_encoders=args.cache_encoders)
+                                  cache_encoders=args.cache_encoders,
+                                  settings={"config": tower.config.to_dict(), "weights": args.weights,
+                                            "seed": args.seed})
         if env.distributed:
             print(f"rank {env.rank}/{env.world_size}: encoded {result.images} images into {len(result.written)} "
                   f"shards, {len(result.skipped_shards)} shards already done", file=sys.stderr)

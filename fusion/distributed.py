@@ -7,9 +7,10 @@ patch embedding, position embedding, final norms, SAM's neck), then the projecto
 then to the tower, so one block's full weights exist only while that block runs. The
 merge (a LayerNorm per encoder, optional adapters) is small and stays with the tower's
 own unit: its methods call one another (``sequence`` calls ``forward``), and a unit of
-its own would be resharded between them. Frozen encoders stay frozen: FSDP2 keeps ``requires_grad`` per parameter, and
-the tower still runs them without autograd. It works on CPU with gloo (tested with two
-processes) and on GPUs with NCCL.
+its own would be resharded between them. Frozen encoders stay frozen: FSDP2 keeps
+``requires_grad`` per parameter, and the tower still runs them without autograd. It
+works on CPU with gloo (tested with two processes) and on GPUs with NCCL; pass
+``mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)`` for bf16 compute.
 
 Blocks are found without naming any library: in each encoder, the ``nn.ModuleList`` /
 ``nn.Sequential`` whose children all have one class and which holds the most
@@ -23,13 +24,16 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List
 
 import torch
 from torch import nn
 
-# Tower methods other than forward that use its parameters: FSDP2 must gather them for these too.
-_TOWER_METHODS = ("encode", "merge_and_project")
+# Tower methods other than forward that use the tower unit's own parameters (the merge): FSDP2
+# must gather them for these too. Not ``encode``: forward calls it, and a registered method
+# reshards on return, in the middle of forward; it needs no tower-unit parameter anyway
+# (the encoders are units of their own).
+_TOWER_METHODS = ("merge_and_project",)
 
 
 def encoder_blocks(encoder: nn.Module) -> List[nn.Module]:
@@ -69,7 +73,7 @@ def shard_tower(tower, mesh: Any = None, reshard_after_forward: bool = True, **f
     go to ``fully_shard`` (``mp_policy``, ``offload_policy``).
 
     ``tower.encode`` and ``tower.merge_and_project`` work on the sharded tower as
-    ``tower(...)`` does (they are registered as FSDP forward methods).
+    ``tower(...)`` does (``merge_and_project`` is registered as an FSDP forward method).
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 

@@ -24,8 +24,10 @@ back for ``tower.merge_and_project`` (stage-1 projector training without the enc
 Before any image is encoded, ``out_dir`` is proven writable (a probe file is written
 and removed) and its free space is compared with the bytes still to write; a resumed
 run checks that the entries already there list exactly the images it would put in
-those shards (same image list and ``shard_size``). A write that fails mid-run (disk
-full) is an ``OSError`` saying that the shards before it are complete and kept.
+those shards (same image list and ``shard_size``) and that it uses the settings recorded
+in ``manifest/run.json`` by the first run (same tower config, weights and seed). A
+write that fails mid-run (disk full) is an ``OSError`` saying that the shards before it
+are complete and kept.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from .atomic import atomic_write, atomic_write_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MANIFEST_DIR = "manifest"
+RUN_FILE = "run.json"  # in MANIFEST_DIR: the settings of the run that started the folder
 ENCODER_DIR = "encoders"  # per-encoder grids of --cache-encoders
 # Free space asked for up front, as a multiple of the feature bytes still to write
 # (safetensors headers, the temporary copy of one shard, the manifest).
@@ -89,11 +92,13 @@ def shard_name(index: int) -> str:
 
 def extract_features(tower, image_paths: Sequence[Path], out_dir, batch_size: int = 8, shard_size: int = 64,
                      rank: int = 0, world_size: int = 1, progress: bool = True,
-                     cache_encoders: bool = False) -> ExtractResult:
+                     cache_encoders: bool = False, settings: Optional[dict] = None) -> ExtractResult:
     """Encode every image with ``tower`` into shards under ``out_dir`` (see the module docstring).
 
     ``rank`` of ``world_size`` does shards ``rank, rank + world_size, ...``;
-    ``cache_encoders`` also stores each encoder's grid per image."""
+    ``cache_encoders`` also stores each encoder's grid per image; ``settings`` (JSON-able,
+    e.g. the tower config, weights and seed) is recorded by the first run and must match
+    on resume (:func:`check_settings`)."""
     from tqdm import tqdm
 
     from .image_io import open_image
@@ -105,6 +110,7 @@ def extract_features(tower, image_paths: Sequence[Path], out_dir, batch_size: in
         raise ValueError(f"rank: expected an int in [0, world_size={world_size}), got {rank!r}")
     out = Path(out_dir)
     check_writable(out)
+    check_settings(out, settings)
     shards = [list(image_paths[i:i + shard_size]) for i in range(0, len(image_paths), shard_size)]
     mine = [i for i in range(len(shards)) if i % world_size == rank]
     todo = _check_resume(out, shards, mine)
@@ -138,7 +144,9 @@ def extract_features(tower, image_paths: Sequence[Path], out_dir, batch_size: in
                     failed[path.name] = f"{type(err).__name__}: {err}"
             if images:
                 pixels = tower.image_processor(images)["pixel_values"]
-                with torch.inference_mode():
+                # no_grad, not inference_mode: a tensor a module caches during extraction stays
+                # usable for autograd later in the same process (extract, then train from the cache)
+                with torch.no_grad():
                     if cache_encoders:  # the same computation as tower(pixels), keeping the grids
                         grids = tower.encode(pixels)
                         tokens = tower.merge_and_project(grids).float().cpu()
@@ -185,6 +193,37 @@ def check_writable(out: Path) -> None:
     except OSError as err:
         raise OSError(err.errno, f"--out: cannot write to {str(out)!r} ({type(err).__name__}: "
                                  f"{err.strerror or err}); choose a writable folder") from err
+
+
+def check_settings(out: Path, settings: Optional[dict]) -> None:
+    """The first run records ``settings`` in ``manifest/run.json``; a resumed run must bring the
+    same ones (``ValueError`` naming the first difference), else ``out`` would mix the features of
+    two towers. ``None`` skips the check."""
+    if settings is None:
+        return
+    path = out / MANIFEST_DIR / RUN_FILE
+    now = json.loads(json.dumps(settings))  # the JSON form: tuples -> lists
+    if not path.is_file():
+        atomic_write_text(path, json.dumps(now, indent=1, sort_keys=True))
+        return
+    before = json.loads(path.read_text(encoding="utf-8"))
+    if before != now:
+        old, new = _flatten(before), _flatten(now)
+        key = next(k for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+        raise ValueError(f"--out: {str(out)!r} holds shards of a run with other settings ({key}: "
+                         f"{old.get(key, '<unset>')!r} there, {new.get(key, '<unset>')!r} now); resume with the same "
+                         f"source, overrides, --weights and --seed, or use a new --out")
+
+
+def _flatten(d: dict, prefix: str = "") -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def check_free_space(out: Path, needed: int) -> None:

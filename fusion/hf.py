@@ -45,13 +45,13 @@ every weight (frozen encoders included), so loading never downloads encoder weig
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import yaml
 
 try:
-    import transformers
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, PretrainedConfig, PreTrainedModel
     from transformers.feature_extraction_utils import BatchFeature
     from transformers.image_processing_utils import BaseImageProcessor
@@ -130,6 +130,8 @@ class FusionVisionConfig(PretrainedConfig):
             raise ValueError(f"weights: got {self.weights!r}; accepted values are {list(WEIGHT_MODES)}")
         if isinstance(self.tower, TowerConfig):
             self.tower = self.tower.to_dict()
+        elif isinstance(self.tower, os.PathLike):
+            self.tower = os.fspath(self.tower)  # config.json holds strings
         if self.tower_config is None:
             self.tower_config = _resolve_tower_config(self.tower, self.overrides, self.keep_projector)
         else:  # a saved config: validate what was saved, as saved
@@ -186,6 +188,8 @@ class FusionVisionModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = False
+    # The encoders use their upstream attention whatever the host model asks for, so any
+    # attention implementation requested for a whole Llava (its language model) is fine here.
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -208,7 +212,9 @@ class FusionVisionModel(PreTrainedModel):
         from transformers.initialization import no_init_weights
 
         with torch.device("cpu"), no_init_weights():
-            return MultiEncoderTower(tower_config, weights="random", seed=config.seed)
+            tower = MultiEncoderTower(tower_config, weights="random", seed=config.seed)
+        tower.weights = config.weights  # what the loaded weights are (tower.save_pretrained records it)
+        return tower
 
     def _init_weights(self, module):
         """Nothing: the tower initialises its own weights (upstream init or pretrained files)."""
@@ -340,15 +346,17 @@ def llava_config(vision_config: FusionVisionConfig, text_config, image_token_id:
 
     if not isinstance(vision_config, FusionVisionConfig):
         raise TypeError(f"vision_config: expected a FusionVisionConfig, got {type(vision_config).__name__}")
-    fixed = {"vision_feature_layer": -1, "vision_feature_select_strategy": "full"}
+    vision_config.resolve_geometry()
+    fixed = {"vision_feature_layer": -1, "vision_feature_select_strategy": "full",
+             "image_seq_length": vision_config.num_patches}
     for key, value in fixed.items():
         if key in kwargs and kwargs[key] != value:
             raise ValueError(f"{key}: the fused tokens need {key}={value!r} (got {kwargs[key]!r}); the tower's "
-                             f"tokens are hidden_states[-1] and have no CLS token to drop")
+                             f"{vision_config.num_patches} tokens are hidden_states[-1] and have no CLS token "
+                             f"to drop")
         kwargs.pop(key, None)
-    vision_config.resolve_geometry()
     return LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,
-                       image_seq_length=vision_config.num_patches, **fixed, **kwargs)
+                       **fixed, **kwargs)
 
 
 def llava_processor(tokenizer, vision_config: FusionVisionConfig, image_token: str = "<image>",

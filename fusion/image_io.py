@@ -9,10 +9,9 @@ Accepted, alone or in a list/tuple (images in a list may differ in size):
 
 - ``PIL.Image.Image`` of any mode PIL can convert to RGB. Colour conversion is PIL's
   own ``convert("RGB")``: ``L``/``1`` are replicated to grey, ``P`` goes through its
-  palette, ``CMYK``/``YCbCr`` use PIL's formulas, ``I;16`` (16-bit grey, as a 16-bit
-  PNG opens) is divided by 65535 in float (PIL's own conversion would clip every value
-  above 255 to white), and ``I``/``F`` are *clipped* to 0-255 as PIL does (pass
-  ``array / max_value`` as a float array to keep their precision).
+  palette, ``CMYK``/``YCbCr`` use PIL's formulas, and ``I;16``/``I``/``F`` are *clipped*
+  to 0-255 as PIL does (not rescaled: pass ``array / 65535.0`` as a float array to
+  keep 16-bit precision).
 - ``numpy.ndarray`` ``[H, W]`` (grey), ``[H, W, C]`` or a batch ``[B, H, W, C]``.
 - ``torch.Tensor`` ``[H, W]`` (grey), ``[C, H, W]`` or a batch ``[B, C, H, W]``.
 
@@ -92,9 +91,6 @@ def _from_pil(img, key: str, alpha: str) -> torch.Tensor:
     if img.width == 0 or img.height == 0:
         raise ValueError(f"{key}: got an empty PIL image of size {img.width}x{img.height}; "
                          f"images need at least one pixel")
-    if img.mode.startswith("I;16"):  # 16-bit grey (a 16-bit PNG): scaled, not clipped to 255 by convert()
-        grey = torch.from_numpy(np.asarray(img).astype(np.float32) / 65535.0)  # [H, W]
-        return grey.expand(1, 3, *grey.shape).contiguous()
     has_alpha = img.mode in _PIL_ALPHA_MODES or "transparency" in img.info
     target = "RGBA" if alpha == "white" and has_alpha else "RGB"
     try:

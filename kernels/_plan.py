@@ -4,15 +4,16 @@ A kernel program of ``grid_merge`` owns a block of columns and a band of rows of
 batch item and streams its rows once. Tables (int32 / fp32, a few hundred bytes) tell
 it, per output index, which input run ``[lo, hi)`` it reads and with which weights
 (first / middle / last tap: area weights are all ``1/(hi-lo)``, bilinear's two taps
-are ``1-l`` and ``l``), so the kernels never rebuild index math that could drift from
-the reference: both take their weights from :mod:`._weights`.
+are ``1-l`` and ``l``), built in Python from :mod:`._weights`, whose weights the tests
+check against ATen's pooling / interpolation: no index math is duplicated in-kernel.
 
 Block sizes:
 
 - ``TILE_BUDGET``: a program holds a few ``[rows, BC]`` fp32 tiles (accumulator, one or
-  two cached input rows); 8192 elements (32 KiB) each keeps that within a GPU register
-  file for ``C <= 512`` and bounded for wider grids, where the LayerNorm needs all
-  channels at once.
+  two cached input rows, the row being read); 8192 elements (32 KiB) each fits a GPU
+  register file for ``C <= 512``. The LayerNorm needs all channels at once and
+  ``tl.dot`` at least 16 rows, so wider grids get ``[16, next_pow2(C)]`` tiles and
+  spill some registers (``benchmarks/bench_kernels.py --ptx-report``).
 - ``DOT_MIN = 16``: ``tl.dot`` needs every dimension >= 16.
 - Row bands buy parallelism for small batches on a GPU, at the price of re-reading
   what neighbouring bands share (hits in L2 on a GPU, but counted by the traffic
@@ -25,9 +26,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
 
 from ._weights import _matrix_rows, tap_ranges
 
@@ -171,6 +173,25 @@ def int_table(rows: Sequence[Sequence[int]], device) -> torch.Tensor:
     if key not in _BLOCK_TABLES:
         _BLOCK_TABLES[key] = torch.tensor(key[0], dtype=torch.int32, device=device)
     return _BLOCK_TABLES[key]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision. fp32 inputs need IEEE products to hold 1e-5; for fp16/bf16
+    inputs tf32 keeps the input values exact and rounds the weights to 10 bits (~5e-4),
+    well inside their 2e-2 tolerance, on tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def out_slices(out: Tensor, sizes: Sequence[int], hw: int, layout: str) -> List[Tensor]:
+    """Per-grid ``[B, H*W, C_i]`` views of the ``[B, N, D]`` output (no copies)."""
+    views, off = [], 0
+    for i, c in enumerate(sizes):
+        if layout == "channel":
+            views.append(out[:, :, off:off + c])
+            off += c
+        else:
+            views.append(out[:, i * hw:(i + 1) * hw, :])
+    return views
 
 
 def num_warps_for(elems: int) -> int:

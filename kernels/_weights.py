@@ -3,8 +3,9 @@
 Both modes are separable: resizing ``[h, w] -> [H, W]`` is ``M_h @ X @ M_w^T`` with
 ``M_h`` of shape ``[H, h]`` and ``M_w`` of shape ``[W, w]``. Row ``i`` of ``M`` is the
 weights output ``i`` gives the inputs; every row's non-zeros are a contiguous run
-``[lo[i], hi[i])`` and ``lo``/``hi`` never decrease with ``i``. The reference and the
-Triton kernels build their weights here, so they resample identically.
+``[lo[i], hi[i])`` and ``lo``/``hi`` never decrease with ``i``. The Triton kernels take
+their weights from here (via the tables in :mod:`._plan`); the tests check them
+against ATen's own pooling / interpolation.
 
 - ``area`` is ``F.adaptive_avg_pool2d``: output ``i`` averages inputs
   ``[floor(i*n/m), ceil((i+1)*n/m))``.
@@ -14,9 +15,7 @@ Triton kernels build their weights here, so they resample identically.
 from __future__ import annotations
 
 import functools
-from typing import Dict, Tuple
-
-import torch
+from typing import Tuple
 
 
 @functools.lru_cache(maxsize=512)
@@ -36,29 +35,6 @@ def _matrix_rows(n_in: int, n_out: int, mode: str) -> Tuple[Tuple[Tuple[int, flo
             taps[i1] = taps.get(i1, 0.0) + l1
             rows.append(tuple(sorted(taps.items())))
     return tuple(rows)
-
-
-@functools.lru_cache(maxsize=512)
-def _matrix_cpu(n_in: int, n_out: int, mode: str) -> torch.Tensor:
-    """``[n_out, n_in]`` float64 weights (CPU)."""
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    for i, taps in enumerate(_matrix_rows(n_in, n_out, mode)):
-        for j, wt in taps:
-            m[i, j] = wt
-    return m
-
-
-_DEVICE_CACHE: Dict[tuple, torch.Tensor] = {}
-
-
-def resample_matrix(n_in: int, n_out: int, mode: str, device, dtype) -> torch.Tensor:
-    """``[n_out, n_in]`` weights on ``device`` in ``dtype`` (cached; treat as read-only)."""
-    key = (n_in, n_out, mode, str(device), dtype)
-    m = _DEVICE_CACHE.get(key)
-    if m is None:
-        m = _matrix_cpu(n_in, n_out, mode).to(device=device, dtype=dtype)
-        _DEVICE_CACHE[key] = m
-    return m
 
 
 @functools.lru_cache(maxsize=512)

@@ -25,10 +25,12 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from ._plan import axis_tables, int_table, num_warps_for, plan_for, sm_count, two_slots
+from ._plan import axis_tables, dot_precision as _prec, int_table, num_warps_for, out_slices as _out_slices, \
+    plan_for, sm_count, two_slots
 from ._resample_jit import load_taps, output_row, tap_weight
 from ._triton import HAVE_TRITON, sum_combine as _sum, tl, triton, triton_runs_on
 from .reference import grid_merge_reference
+
 
 @triton.jit
 def _grid_merge_fwd_kernel(
@@ -61,7 +63,8 @@ def _grid_merge_fwd_kernel(
     W64 = b * 0 + W  # int64 index math: no overflow, no interpreter overflow checks
     omask = xmask[:, None] & cmask[None, :]
     offs_j0 = jlo + tl.arange(0, BJ)
-    wgt0 = tap_weight(offs_j0[None, :], c_lo[:, None], c_hi[:, None], c_wf[:, None], c_wm[:, None], c_wl[:, None])
+    wgt0 = tap_weight(offs_j0[None, :], c_lo[:, None], c_hi[:, None],
+                      c_wf[:, None], c_wm[:, None], c_wl[:, None])  # first [BX, BJ] width slice
     t_a = tl.full((BX, BC), 0.0, tl.float32)
     t_b = tl.full((BX, BC), 0.0, tl.float32)
     id_a = y0 * 0 - 1
@@ -116,7 +119,8 @@ def _grid_merge_bwd_kernel(
     jhi = tl.load(cols_idx_ptr + 2 * (tl.maximum(xb, xa + 1) - 1) + 1)
     own_x = xmask & (c_lo >= j0) & (c_lo < j1)  # (y, x) is reduced by the owner of its first tap
     # [BJO, BXO]: what each owned input column gets from each covered output column
-    w_t = tap_weight(offs_j[:, None], c_lo[None, :], c_hi[None, :], c_wf[None, :], c_wm[None, :], c_wl[None, :])
+    w_t = tap_weight(offs_j[:, None], c_lo[None, :], c_hi[None, :],
+                     c_wf[None, :], c_wm[None, :], c_wl[None, :])
     if HAS_W:
         wv = tl.load(w_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
     dw_acc = tl.full((BC,), 0.0, tl.float32)
@@ -130,10 +134,12 @@ def _grid_merge_bwd_kernel(
     W64 = b * 0 + W  # int64 index math: no overflow, no interpreter overflow checks
     offs_c64 = offs_c.to(tl.int64) * sxc
     offs_j0 = jlo + tl.arange(0, BJ)
-    wgt0 = tap_weight(offs_j0[None, :], c_lo[:, None], c_hi[:, None], c_wf[:, None], c_wm[:, None], c_wl[:, None])
+    wgt0 = tap_weight(offs_j0[None, :], c_lo[:, None], c_hi[:, None],
+                      c_wf[:, None], c_wm[:, None], c_wl[:, None])  # first [BXO, BJ] width slice
     offs_gc = offs_c.to(tl.int64)[None, :] * sgc
     dx_cols = offs_j.to(tl.int64)[:, None] * sdw + offs_c.to(tl.int64)[None, :] * sdc
     dmask = jmask[:, None] & cmask[None, :]
+    zeros = tl.full((BJO, BC), 0.0, tl.float32).to(dx_ptr.dtype.element_ty)
     t_a = tl.full((BXO, BC), 0.0, tl.float32)
     t_b = tl.full((BXO, BC), 0.0, tl.float32)
     id_a = r0 * 0 - 1
@@ -143,7 +149,7 @@ def _grid_merge_bwd_kernel(
     pid_a = r0 * 0 - 1
     pid_b = r0 * 0 - 1
     filled = r0  # dx rows below this have been written
-    for y in range(ya, yb):
+    for y in range(ya, yb):  # every output row that reads an owned input row
         g = tl.load(g_b + (y * W64 + offs_x)[:, None] * sgn + offs_gc,
                     mask=xmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         rlo = tl.load(rows_idx_ptr + 2 * y)
@@ -168,17 +174,18 @@ def _grid_merge_bwd_kernel(
             c2 = tl.reduce(g, 1, _sum) / C
             g = tl.where(cmask[None, :], rstd[:, None] * (g - c2[:, None] - xhat * c1[:, None]), 0.0)
         if NEED_DX:
+            # dy through the transposed weights: row y's share of the owned dx rows
             u = tl.dot(w_t, g, input_precision=PREC)  # [BJO, BC]
             nxt = tl.load(rows_idx_ptr + 2 * (y + 1), mask=y + 1 < H, other=2147483647)
+            rwf = tl.load(rows_wt_ptr + 3 * y)
+            rwm = tl.load(rows_wt_ptr + 3 * y + 1)
+            rwl = tl.load(rows_wt_ptr + 3 * y + 2)
             for r in range(tl.maximum(rlo, r0), tl.minimum(rhi, r1)):
-                rwf = tl.load(rows_wt_ptr + 3 * y)
-                rwm = tl.load(rows_wt_ptr + 3 * y + 1)
-                rwl = tl.load(rows_wt_ptr + 3 * y + 2)
                 wr = tl.where(r == rlo, rwf, tl.where(r == rhi - 1, rwl, rwm))
                 for rz in range(filled, r):  # rows no output reads (bilinear skips) get zeros
-                    tl.store(dx_b + rz * sdh64 + dx_cols, tl.full((BJO, BC), 0.0, tl.float32).to(dx_ptr.dtype.element_ty), mask=dmask)
+                    tl.store(dx_b + rz * sdh64 + dx_cols, zeros, mask=dmask)
                 filled = tl.maximum(filled, r + 1)
-                done = r < nxt
+                done = r < nxt  # no later output row reads r: dx row r is complete
                 keep = tl.where(done, -1, r)
                 if TWO_SLOTS:
                     odd = (r % 2) == 1
@@ -195,7 +202,7 @@ def _grid_merge_bwd_kernel(
                     tl.store(dx_b + r * sdh64 + dx_cols, tot.to(dx_ptr.dtype.element_ty), mask=dmask)
     if NEED_DX:
         for rz in range(filled, r1):
-            tl.store(dx_b + rz * sdh64 + dx_cols, tl.full((BJO, BC), 0.0, tl.float32).to(dx_ptr.dtype.element_ty), mask=dmask)
+            tl.store(dx_b + rz * sdh64 + dx_cols, zeros, mask=dmask)
     prog = b * tl.num_programs(0) + pid
     if HAS_W:
         tl.store(dwp_ptr + prog * C + offs_c, dw_acc, mask=cmask)
@@ -206,23 +213,6 @@ def _grid_merge_bwd_kernel(
 # --------------------------------------------------------------------------------------
 # Launchers: take validated arguments, allocate, launch one kernel per grid.
 # --------------------------------------------------------------------------------------
-
-def _prec(dtype: torch.dtype) -> str:
-    """fp32 inputs need IEEE products for 1e-5; tf32 is exact on fp16/bf16 values."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _out_slices(out: Tensor, sizes: Sequence[int], hw: int, layout: str) -> List[Tensor]:
-    """Per-grid ``[B, H*W, C_i]`` views of the ``[B, N, D]`` output (no copies)."""
-    views, off = [], 0
-    for i, c in enumerate(sizes):
-        if layout == "channel":
-            views.append(out[:, :, off:off + c])
-            off += c
-        else:
-            views.append(out[:, i * hw:(i + 1) * hw, :])
-    return views
-
 
 def _param(p: Optional[Tensor], like: Tensor) -> Tensor:
     return like if p is None else p.contiguous()
@@ -395,9 +385,9 @@ def grid_merge(grids: Sequence[Tensor], size: Union[int, Tuple[int, int]], mode:
     dev, dtype = grids[0].device, grids[0].dtype
     ok = triton_runs_on(_grid_merge_fwd_kernel, dev) and dtype != torch.float64
     be = V.resolve_backend(backend, dev, HAVE_TRITON)
-    if be == "triton" and not ok:
+    if be == "triton" and not ok and backend == "triton":
         raise ValueError(V.triton_unavailable(dev, dtype))
-    if be == "torch" or (backend == "auto" and not ok):
+    if be == "torch" or not ok:  # "auto" falls back to PyTorch (e.g. float64 on CUDA)
         return grid_merge_reference(grids, (H, W), mode, norms, eps, layout)
     none = grids[0].new_empty(0)
     weights = [none if nm is None or nm[0] is None else nm[0] for nm in norms]

@@ -21,11 +21,11 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from ._plan import DOT_MIN, TILE_BUDGET, next_pow2, num_warps_for, pyramid_tables
+from ._plan import DOT_MIN, TILE_BUDGET, dot_precision, next_pow2, num_warps_for, pyramid_tables
 from ._triton import HAVE_TRITON, tl, triton, triton_runs_on
 from .reference import pyramid_pool_reference
 
-MAX_BC = 64  # channels per program: enough work per row, many programs for small B
+MAX_BC = 64  # channels per program: B*C/64 programs; spill-free [32, 64] tiles on sm_90 (ptxas)
 # Per-row index math is written inline rather than as a @triton.jit helper: the Triton
 # interpreter (CPU tests, traffic counts) re-patches triton.language on every nested
 # @jit call, milliseconds each.
@@ -168,7 +168,7 @@ def pyramid_pool_forward(tokens: Tensor, H: int, W: int, levels: Sequence[Tuple[
     out = torch.empty(B, sum(lh * lw for lh, lw in levels), C, device=tokens.device, dtype=tokens.dtype)
     _pyramid_fwd_kernel[(triton.cdiv(C, BC), B)](
         tokens, out, tab, H, W, C, *tokens.stride(), *out.stride(),
-        KP=KP, BJ=BJ, BC=BC, PREC="ieee" if tokens.dtype == torch.float32 else "tf32",
+        KP=KP, BJ=BJ, BC=BC, PREC=dot_precision(tokens.dtype),
         num_warps=num_warps_for(KP * BC))
     return out
 
@@ -181,7 +181,7 @@ def pyramid_pool_backward(grad: Tensor, H: int, W: int, levels: Sequence[Tuple[i
     dx = torch.empty(B, H * W, C, device=grad.device, dtype=grad.dtype)
     _pyramid_bwd_kernel[(triton.cdiv(C, BC), B)](
         grad, dx, tab, H, W, C, *grad.stride(), *dx.stride(),
-        KP=KP, BJ=BJ, BC=BC, PREC="ieee" if grad.dtype == torch.float32 else "tf32",
+        KP=KP, BJ=BJ, BC=BC, PREC=dot_precision(grad.dtype),
         num_warps=num_warps_for(KP * BC))
     return dx
 
@@ -246,8 +246,8 @@ def pyramid_pool(tokens: Tensor, grid: Union[int, Tuple[int, int]],
     dev, dtype = tokens.device, tokens.dtype
     ok = triton_runs_on(_pyramid_fwd_kernel, dev) and dtype != torch.float64
     be = V.resolve_backend(backend, dev, HAVE_TRITON)
-    if be == "triton" and not ok:
+    if be == "triton" and not ok and backend == "triton":
         raise ValueError(V.triton_unavailable(dev, dtype))
-    if be == "torch" or (backend == "auto" and not ok):
+    if be == "torch" or not ok:  # "auto" falls back to PyTorch (e.g. float64 on CUDA)
         return pyramid_pool_reference(tokens, (H, W), lv)
     return _pyramid_op(tokens, H, W, [v for pair in lv for v in pair])

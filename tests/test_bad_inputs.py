@@ -252,8 +252,11 @@ def sixteen_bit(tmp: Path):
 
 
 def check_sixteen_bit(x):
-    expected = torch.tensor([0, 1000, 32768, 65535], dtype=torch.float32) / 65535
-    torch.testing.assert_close(x[0, :, 0], expected.expand(3, 4), atol=1e-6, rtol=0)  # scaled, not clipped
+    # fusion.image_io's documented rule: PIL's own convert("RGB"), which clips 16-bit values to
+    # 0-255 exactly as the open_clip / timm / LLaVA loaders do (Image.open(p).convert("RGB")).
+    # Callers who want 16-bit precision pass a float array (np.asarray(img) / 65535.0).
+    expected = torch.tensor([0, 255, 255, 255], dtype=torch.float32) / 255
+    torch.testing.assert_close(x[0, :, 0], expected.expand(3, 4), atol=0, rtol=0)
 
 
 def one_pixel():
@@ -440,7 +443,7 @@ CASES = [
          lambda t: processor(_P_BASE.convert("P")), Handled(_P_CHECK)),
     Case("image-cmyk", "a CMYK image: PIL's CMYK -> RGB",
          lambda t: processor(_CMYK_BASE.convert("CMYK")), Handled(_CMYK_CHECK)),
-    Case("image-16bit-png", "a 16-bit grey PNG (I;16): scaled by 1/65535, not clipped to white",
+    Case("image-16bit-png", "a 16-bit grey PNG (I;16): PIL's convert('RGB') as every upstream loader (clips)",
          sixteen_bit, Handled(check_sixteen_bit)),
     Case("image-16bit-array", "a uint16 numpy array",
          lambda t: processor(np.zeros((8, 8, 3), dtype=np.uint16)),

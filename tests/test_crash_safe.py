@@ -36,7 +36,7 @@ import fusion.extract
 from fusion.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-N_GOOD = 6
+N_GOOD = 12  # + 2 bad images = 14 one-image shards: room for kill points and a margin after
 BAD = {"broken.jpg": "not an image", "truncated.jpg": "truncated"}
 
 
@@ -45,7 +45,7 @@ def make_images(folder: Path) -> list:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(N_GOOD):
-        arr = rng.integers(0, 256, (40 + 7 * i, 64 - 3 * i, 3), dtype=np.uint8)
+        arr = rng.integers(0, 256, (40 + 7 * i, 80 - 3 * i, 3), dtype=np.uint8)
         Image.fromarray(arr).save(folder / f"img{i:02d}.png")
     (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "full.jpg", quality=90)
@@ -155,7 +155,7 @@ def test_sigkill_at_several_points_then_resume_matches_uninterrupted(dataset, tm
     out = tmp_path / "out"
     args = extract_args(images, out)
     killed_at = []
-    for k in (1, 3, 5):  # three real SIGKILLs: after 1, 3 and 5 shard entries appeared
+    for k in (1, 4, 8):  # three real SIGKILLs: after 1, 4 and 8 shard entries appeared
         at = run_and_kill(args, out, k)
         assert at != -1, "the run finished before the kill point"
         killed_at.append(at)
@@ -315,3 +315,16 @@ def test_resume_with_other_shard_size_is_refused(dataset, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "--shard-size" in err and "new --out" in err and "shard-00000.json" in err
+
+
+def test_resume_with_another_tower_is_refused(dataset, tmp_path, capsys):
+    images, _, _ = dataset
+    out = tmp_path / "out"
+    args = extract_args(images, out)
+    with one_thread():
+        assert main(args) == 1
+        assert main(args + ["fusion.grid=3"]) == 2
+        assert main(args + ["--seed", "1"]) == 2
+        assert main(args) == 1  # the same settings resume (nothing left to do)
+    err = capsys.readouterr().err
+    assert "fusion.grid: 4 there, 3 now" in err and "seed: 0 there, 1 now" in err and "new --out" in err
