@@ -11,11 +11,14 @@ used as independent oracle and benchmark baseline.
 """
 from .grid_merge import grid_merge  # noqa: F401  (binds the function over the submodule)
 from .pyramid_pool import pyramid_pool  # noqa: F401
+from .bipartite_merge import bipartite_merge, reduce_to  # noqa: F401
 from .reference import (  # noqa: F401
     grid_merge_reference,
     naive_grid_merge,
     naive_pyramid_pool,
     pyramid_pool_reference,
+    bipartite_merge_full,
+    bipartite_merge_reference,
 )
 
 __all__ = [
@@ -25,4 +28,8 @@ __all__ = [
     "pyramid_pool_reference",
     "naive_grid_merge",
     "naive_pyramid_pool",
+    "bipartite_merge",
+    "reduce_to",
+    "bipartite_merge_reference",
+    "bipartite_merge_full",
 ]

@@ -157,3 +157,4 @@ def naive_pyramid_pool(tokens: torch.Tensor, grid: Tuple[int, int],
     nchw = tokens.transpose(1, 2).reshape(B, C, H, W).to(up)
     outs = [F.adaptive_avg_pool2d(nchw, lv).flatten(2).transpose(1, 2) for lv in levels]
     return torch.cat(outs, dim=1).to(tokens.dtype)
+from .bipartite_reference import bipartite_merge_full, bipartite_merge_reference  # noqa: F401,E402

@@ -17,3 +17,15 @@ import pytest  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# Kernel tests run first. In one long pytest process, the Triton interpreter's calls into
+# the fusion:: custom ops crashed (SIGSEGV / std::bad_alloc inside the dispatcher) after a
+# few hundred tower, compile, HF and distributed tests had run, though every file passes
+# on its own and every pair tried passes together. Running the interpreter tests before
+# the rest avoids it; the root cause is still open (see the note on issue 3).
+_KERNEL_FILES = ("test_kernels_", "test_traffic")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: not item.fspath.basename.startswith(_KERNEL_FILES))

@@ -30,13 +30,12 @@ grey image alone. The decoded image is then preprocessed to check its pixels.
 from __future__ import annotations
 
 import builtins
-import json
 import re
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Tuple
 
 import numpy as np
 import pytest

@@ -73,6 +73,12 @@ def one_thread():
         torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_per_test():
+    with one_thread():
+        yield
+
+
 def entries(out: Path) -> list:
     return sorted((out / "manifest").glob("shard-*.json")) if (out / "manifest").is_dir() else []
 
