@@ -4,8 +4,14 @@ Without a GPU, Triton kernels run in the Triton interpreter: TRITON_INTERPRET mu
 set before any kernel module is imported, so it is set here, once, for the whole run.
 """
 import os
+import tempfile
 
 import torch
+
+# A private Triton and Inductor cache per test run: concurrent runs on one machine (CI
+# beside a developer's run) then never read each other's half-written cache files.
+os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="fusion-triton-cache-"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fusion-inductor-cache-"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -68,3 +68,18 @@ print(c.bytes["x_ptr"][0], c.bytes["y_ptr"][1])
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["800", "400"], proc.stdout
+
+
+def test_bipartite_merge_traffic_within_limit():
+    """The ToMe merge and its backward read each input once (the match kernel is
+    compute-bound and re-reads tiles like flash attention, so it is reported, not held)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_bipartite.py"), "--traffic",
+                           "--n", "577", "--c", "64", "--b", "2"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ratios = {line.split()[0]: float(line.split()[-1]) for line in proc.stdout.splitlines()
+              if line.startswith("bipartite_")}
+    assert {"bipartite_gather_merge", "bipartite_gather_merge_backward"} <= set(ratios), proc.stdout
+    for name in ("bipartite_gather_merge", "bipartite_gather_merge_backward"):
+        assert 1.0 <= ratios[name] <= LIMIT, f"{name}: ratio {ratios[name]:.3f}\n{proc.stdout}"
