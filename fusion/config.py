@@ -12,13 +12,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
+
+from .config_files import read_config_file
 
 PRESET_DIR = Path(__file__).with_name("configs")
 
@@ -172,9 +173,9 @@ def _load_raw(source: ConfigSource) -> Dict[str, Any]:
     text = os.fspath(source)
     path = Path(text)
     if path.suffix.lower() in (".yaml", ".yml", ".json"):
-        return _read_file(path)
+        return read_config_file(path)
     if text in list_presets():
-        return _read_file(PRESET_DIR / f"{text}.yaml")
+        return read_config_file(PRESET_DIR / f"{text}.yaml")
     close = difflib.get_close_matches(text, list_presets(), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ValueError(
@@ -183,64 +184,6 @@ def _load_raw(source: ConfigSource) -> Dict[str, Any]:
     )
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` that refuses a repeated mapping key (PyYAML silently keeps the last:
-    a second ``clip:`` under ``encoders`` would replace the first)."""
-
-
-def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
-    seen: Dict[Any, int] = {}
-    for key_node, _ in node.value:  # the keys written here (merged `<<` keys may be overridden)
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"found duplicate key {key!r} (first on line {seen[key] + 1}); keys must be unique",
-                    key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        except TypeError:  # unhashable: construct_mapping reports it
-            continue
-    loader.flatten_mapping(node)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
-
-
-def _unique_json_object(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"found duplicate key {key!r}; keys must be unique")
-        out[key] = value
-    return out
-
-
-def _read_file(path: Path) -> Dict[str, Any]:
-    if path.is_dir():
-        raise ValueError(f"source: {str(path)!r} is a folder; expected a .yaml/.yml/.json config file")
-    if not path.is_file():
-        raise FileNotFoundError(f"source: config file {str(path)!r} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"source: cannot read config file {str(path)!r}: {err}") from err
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text, object_pairs_hook=_unique_json_object)
-        else:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except (yaml.YAMLError, ValueError) as err:  # json.JSONDecodeError is a ValueError
-        hint = ("; configs are plain YAML (mappings, lists, strings, numbers, true/false, null): "
-                "python tags like !!python/object are refused, never run"
-                if "python/" in str(err) else "")
-        raise ValueError(f"source: {str(path)!r} is not valid {path.suffix[1:].upper()}: {err}{hint}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"source: {str(path)!r} must hold a mapping at the top, got {type(data).__name__}")
-    return data
 
 
 def _parse_overrides(overrides: Overrides) -> List[Tuple[str, Any]]:
