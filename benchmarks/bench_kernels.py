@@ -169,7 +169,11 @@ def run_cpu(args):
     B = 2 if args.quick else 16
     reps = 3 if args.quick else 7
     impls = ["eager", "naive"] + (["compile"] if args.compile else [])
-    print(f"CPU: {torch.get_num_threads()} threads; vsre grids -> {TARGET}x{TARGET}, B={B}, float32")
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1"
+    print(f"CPU: {torch.get_num_threads()} threads; vsre grids -> {TARGET}x{TARGET}, B={B}, float32; "
+          + ("huge pages on (THP_MEM_ALLOC_ENABLE=1)" if thp else
+             "huge pages off (run with THP_MEM_ALLOC_ENABLE=1 to allocate large buffers on 2 MiB pages, "
+             "as fusion-tower does)"))
     rows = []
     copy = copy_bandwidth(dev, 512 << 20, cpu_time, reps)
     fresh = fresh_write_bandwidth(256 << 20, reps)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -153,6 +154,11 @@ COMMANDS = {"info": cmd_info, "extract": cmd_extract, "presets": cmd_presets, "s
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    # Large CPU tensors on 2 MiB pages: PyTorch's CPU allocator reads this at its first large
+    # allocation, which comes later than this line. Writing fresh buffers (every op's output)
+    # then faults 512x fewer pages: the CPU merge runs ~1.5x faster (see the Benchmarks section
+    # of the README). THP_MEM_ALLOC_ENABLE=0 in the environment opts out.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     parser = build_parser()
     # overrides may stand after options too (`info tiny --weights random fusion.grid=3`)
     args, extra = parser.parse_known_args(argv)

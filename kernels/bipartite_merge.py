@@ -42,6 +42,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _validate as V
+from ._canonical import require_canonical
 from .bipartite_reference import (
     bipartite_assignment,
     inverse_norms,
@@ -50,6 +51,8 @@ from .bipartite_reference import (
 )
 
 from ._triton import HAVE_TRITON, tl, triton, triton_runs_on
+
+require_canonical(__name__)  # registering the fusion:: ops twice frees them under live handles
 
 # ---------------------------------------------------------------------------- constants
 # A tokens per match program. 64 rows x 64 columns of fp32 scores is 16 KiB of

@@ -25,11 +25,14 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
+from ._canonical import require_canonical
 from ._plan import axis_tables, dot_precision as _prec, int_table, num_warps_for, out_slices as _out_slices, \
     plan_for, sm_count, two_slots
 from ._resample_jit import load_taps, output_row, tap_weight
 from ._triton import HAVE_TRITON, sum_combine as _sum, tl, triton, triton_runs_on
 from .reference import grid_merge_reference
+
+require_canonical(__name__)  # registering the fusion:: ops twice frees them under live handles
 
 
 @triton.jit

@@ -21,9 +21,12 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
+from ._canonical import require_canonical
 from ._plan import DOT_MIN, TILE_BUDGET, dot_precision, next_pow2, num_warps_for, pyramid_tables
 from ._triton import HAVE_TRITON, tl, triton, triton_runs_on
 from .reference import pyramid_pool_reference
+
+require_canonical(__name__)  # registering the fusion:: ops twice frees them under live handles
 
 MAX_BC = 64  # channels per program: B*C/64 programs; spill-free [32, 64] tiles on sm_90 (ptxas)
 # Per-row index math is written inline rather than as a @triton.jit helper: the Triton

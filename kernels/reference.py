@@ -59,6 +59,21 @@ def _layer_norm(y: torch.Tensor, norm: Norm, eps: float) -> torch.Tensor:
     return F.layer_norm(y, (y.shape[-1],), weight, bias, eps)
 
 
+# fp32 bytes of one step of the inference path: small enough that the resampled grid
+# and its LayerNorm stay in cache (and the allocator reuses the same blocks step after
+# step instead of faulting in fresh pages), large enough that per-call overhead is noise.
+STEP_BYTES = 4 << 20
+
+
+def _itemsize(x: torch.Tensor) -> int:
+    return 8 if x.dtype == torch.float64 else 4  # the compute dtype's
+
+
+def _needs_grad(grids: Sequence[torch.Tensor], norms: Sequence[Norm]) -> bool:
+    params = [p for nm in norms if nm is not None for p in nm if p is not None]
+    return torch.is_grad_enabled() and any(t.requires_grad for t in list(grids) + params)
+
+
 def grid_merge_reference(grids: Sequence[torch.Tensor], size: Tuple[int, int], mode: str = "area",
                          norms: Optional[Sequence[Norm]] = None, eps: float = 1e-5,
                          layout: str = "channel") -> torch.Tensor:
@@ -66,28 +81,40 @@ def grid_merge_reference(grids: Sequence[torch.Tensor], size: Tuple[int, int], m
 
     Returns ``[B, H*W, sum C_i]`` (``layout="channel"``) or ``[B, n*H*W, C]``
     (``"sequence"``) in the grids' dtype; computes in fp32 (fp64 for fp64 grids).
+
+    Without autograd (inference, frozen encoders) each grid goes through in batch steps
+    of about :data:`STEP_BYTES` written straight into its slice of the output, so the
+    fp32 intermediates never leave the cache; the output is the only fresh memory. With
+    autograd the grid is done whole (per-step writes into one output would make
+    autograd copy the full gradient once per step).
     """
     H, W = size
     norms = [None] * len(grids) if norms is None else norms
     B, n, x0 = grids[0].shape[0], len(grids), grids[0]
     sizes = [g.shape[-1] for g in grids]
+    stepped = not _needs_grad(grids, norms)
+    if n == 1 and not stepped:
+        y = resample_grid(x0, (H, W), mode).reshape(B, H * W, sizes[0])
+        return _layer_norm(y, norms[0], eps).to(x0.dtype)
     if layout == "channel":
         out = x0.new_empty(B, H * W, sum(sizes))
     else:
         out = x0.new_empty(B, n * H * W, sizes[0])
+    # writing each grid into its slice is one copy; torch.cat over the channel axis
+    # is several times slower on CPU. (Slices are taken as they are written: a view made
+    # before an earlier slice's write would be a stale leaf to autograd.)
     off = 0
     for i, (x, norm) in enumerate(zip(grids, norms)):
         C = x.shape[-1]
-        y = _layer_norm(resample_grid(x, (H, W), mode).reshape(B, H * W, C), norm, eps)
-        if n == 1:
-            return y.to(x.dtype)
-        # writing each grid into its slice is one copy; torch.cat over the channel axis
-        # is several times slower on CPU
-        if layout == "channel":
-            out[:, :, off:off + C] = y
-            off += C
-        else:
-            out[:, i * H * W:(i + 1) * H * W] = y
+        step = max(1, STEP_BYTES // (H * W * C * _itemsize(x))) if stepped else B
+        for b0 in range(0, B, step):
+            y = resample_grid(x[b0:b0 + step], (H, W), mode).reshape(-1, H * W, C)
+            y = _layer_norm(y, norm, eps)
+            if layout == "channel":
+                out[b0:b0 + step, :, off:off + C] = y
+            else:
+                out[b0:b0 + step, i * H * W:(i + 1) * H * W] = y
+        off += C
     return out
 
 

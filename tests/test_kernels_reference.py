@@ -73,6 +73,33 @@ def test_reference_sequence_layout_and_strided_inputs():
     assert_close(got, want, 1e-12, "sequence")
 
 
+@pytest.mark.parametrize("layout", ["channel", "sequence"])
+@pytest.mark.parametrize("items_per_step", [1, 2])
+def test_inference_path_in_batch_steps(monkeypatch, layout, items_per_step):
+    """Without autograd the reference goes through the batch in steps written straight
+    into the output; steps of 1 and 2 items over B=5 (a ragged last step) give the
+    plain sequence's result, in fp64 and fp16, and the autograd path gives the same."""
+    ref_mod = __import__("fusion.kernels.reference", fromlist=["STEP_BYTES"])
+    size, C = (6, 6), 8
+    monkeypatch.setattr(ref_mod, "STEP_BYTES", items_per_step * size[0] * size[1] * C * 8)
+    grids = [torch.randn(5, 9, 9, C, dtype=torch.float64), torch.randn(5, 6, 6, C, dtype=torch.float64),
+             torch.randn(5, 4, 3, C, dtype=torch.float64).transpose(1, 2)]
+    norms = [(torch.randn(C, dtype=torch.float64), torch.randn(C, dtype=torch.float64)), None,
+             (torch.randn(C, dtype=torch.float64), None)]
+    want = _plain(grids, size, "bilinear", norms, layout=layout)
+    with torch.no_grad():
+        got = grid_merge_reference(grids, size, "bilinear", norms, 1e-5, layout)
+    assert_close(got, want, 1e-12, "stepped fp64")
+    with torch.no_grad():
+        half = grid_merge_reference([g.half() for g in grids], size, "bilinear", norms, 1e-5, layout)
+    assert half.dtype == torch.float16
+    assert_close(half, want, 2e-2, "stepped fp16")
+    leaves = [g.clone().requires_grad_() for g in grids]
+    whole = grid_merge_reference(leaves, size, "bilinear", norms, 1e-5, layout)
+    assert whole.requires_grad
+    assert_close(whole.detach(), got, 1e-12, "autograd path")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_reference_low_precision_keeps_dtype(dtype):
     grids = [torch.randn(2, 27, 27, 16), torch.randn(2, 24, 24, 8)]
