@@ -7,6 +7,7 @@ from .boxes import boxes_to_text, parse_box, text_to_boxes, tokens_in
 from .config import TowerConfig, list_presets, load_config
 from .encoders.base import Encoder
 from .encoders.registry import list_encoders, register_encoder
+from .image_io import open_image
 from .preprocess import ImageProcessor
 from .tower import MultiEncoderTower, TowerOutput, build_tower
 
@@ -23,6 +24,7 @@ __all__ = [
     "list_encoders",
     "list_presets",
     "load_config",
+    "open_image",
     "parse_box",
     "register_encoder",
     "text_to_boxes",

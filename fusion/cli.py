@@ -165,6 +165,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    # `--rois BOX ...` takes every word after it; a key=value among them is an override
+    # (a box never holds "=")
+    rois = getattr(args, "rois", None) or []
+    extra = [r for r in rois if "=" in r] + extra
+    if rois:
+        args.rois = [r for r in rois if "=" not in r]
     if extra:
         args.overrides = list(getattr(args, "overrides", [])) + extra
     try:

@@ -186,6 +186,7 @@ def test_clip_tag_metadata_is_used_without_loading(monkeypatch):
     # OpenAI's weights were trained with QuickGELU: the tag's config says so, the adapter builds it so
     assert isinstance(enc.model.transformer.resblocks[0].mlp.gelu, open_clip.model.QuickGELU)
     assert enc.pretrained_tag == "openai"
+    assert enc.upstream_name() == "open_clip:ViT-B-16 (openai config, random weights)"
     siglip = build(enc_cfg("siglip", "ViT-B-16-SigLIP", pretrained="webli", image_size=80, arch=SIGLIP_ARCH),
                    load_weights=False)
     assert siglip.mean == pytest.approx((0.5,) * 3)

@@ -145,3 +145,14 @@ def test_show_reports_bad_arguments(tmp_path, capsys):
     assert main(["show", "tiny", str(tmp_path / "missing.jpg"), "--out", str(tmp_path / "p.png")]) == 2
     assert "missing.jpg" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_overrides_after_rois_are_overrides_not_boxes(tmp_path):
+    """`--rois` takes the words after it; a key=value among them is a config override."""
+    out = tmp_path / "p.png"
+    code = main(["show", "tiny", str(HOUSE), "--out", str(out), "--weights", "random", "--panel-size", str(P),
+                 "--rois", "[0.10, 0.30, 0.50, 0.75]", "encoders.sam=null"])
+    assert code == 0
+    with Image.open(out) as im:
+        cols = 1 + 3 + 1  # image, the 3 encoders left after dropping SAM, fused
+        assert im.size[0] == show.MARGIN + cols * (P + show.MARGIN)

@@ -90,6 +90,7 @@ class OpenClipEncoder(Encoder):
         source = resolve_pretrained(cfg, open_clip.list_pretrained_tags_by_model(cfg.model), load_weights, "open_clip")
         tag_cfg = open_clip.get_pretrained_cfg(cfg.model, source.value) if source.kind == "tag" else {}
         self.pretrained_tag = source.value if source.kind == "tag" else None
+        self.tag_weights_loaded = source.load_tag
 
         clip_model = self._create(cfg, source, tag_cfg, overrides, prefix)
         visual = clip_model.visual
@@ -129,6 +130,8 @@ class OpenClipEncoder(Encoder):
 
     def upstream_name(self) -> str:
         tag = f" ({self.pretrained_tag})" if self.pretrained_tag else ""
+        if self.pretrained_tag and not self.tag_weights_loaded:
+            tag = f" ({self.pretrained_tag} config, random weights)"
         return f"open_clip:{self.cfg.model}{tag}"
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

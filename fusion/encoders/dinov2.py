@@ -64,6 +64,7 @@ class Dinov2Encoder(Encoder):
         tags = [name.split(".", 1)[1] for name in timm.list_pretrained(f"{cfg.model}.*")]
         source = resolve_pretrained(cfg, tags, load_weights, "timm")
         self.pretrained_tag = source.value if source.kind == "tag" else None
+        self.tag_weights_loaded = source.load_tag
 
         self.model = self._create(cfg, source, prefix)
         embed = self.model.patch_embed
@@ -108,6 +109,8 @@ class Dinov2Encoder(Encoder):
 
     def upstream_name(self) -> str:
         tag = f".{self.pretrained_tag}" if self.pretrained_tag else ""
+        if self.pretrained_tag and not self.tag_weights_loaded:
+            tag += " (config only, random weights)"
         return f"timm:{self.cfg.model}{tag}"
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
