@@ -44,7 +44,7 @@ from .weights import (
     block_index,
     check_keys,
     check_pixels,
-    fetch_failure,
+    create_upstream,
     finalize,
     load_strict,
     param_dtype,
@@ -52,6 +52,7 @@ from .weights import (
     resolve_pretrained,
     take_prefix,
     unknown_model,
+    upstream_label,
 )
 
 # Constructor arguments of open_clip's model classes that arch may set (the rest are runtime options).
@@ -119,20 +120,13 @@ class OpenClipEncoder(Encoder):
         kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
         if cfg.image_size is not None:
             kwargs["force_image_size"] = cfg.image_size
-        try:
-            return open_clip.create_model(cfg.model, pretrained=source.value if source.load_tag else None, **kwargs)
-        except Exception as err:
-            if source.load_tag:
-                raise fetch_failure(source.key, "open_clip", f"open_clip weights {cfg.model!r} / {source.value!r}",
-                                    err, f"the full open_clip state dict of {cfg.model!r}") from err
-            raise ValueError(f"{prefix}.arch: open_clip could not build {cfg.model!r} with arch {cfg.arch}: "
-                             f"{type(err).__name__}: {err}") from err
+        pretrained = source.value if source.load_tag else None
+        return create_upstream(lambda: open_clip.create_model(cfg.model, pretrained=pretrained, **kwargs),
+                               cfg, source, prefix, "open_clip", f"open_clip weights {cfg.model!r} / {source.value!r}",
+                               f"the full open_clip state dict of {cfg.model!r}")
 
     def upstream_name(self) -> str:
-        tag = f" ({self.pretrained_tag})" if self.pretrained_tag else ""
-        if self.pretrained_tag and not self.tag_weights_loaded:
-            tag = f" ({self.pretrained_tag} config, random weights)"
-        return f"open_clip:{self.cfg.model}{tag}"
+        return upstream_label("open_clip", self.cfg.model, self.pretrained_tag, self.tag_weights_loaded)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` normalised pixels -> ``[B, h, w, C]`` output of block ``self.block``."""

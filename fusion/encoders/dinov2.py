@@ -29,13 +29,14 @@ from .weights import (
     block_index,
     check_keys,
     check_pixels,
-    fetch_failure,
+    create_upstream,
     finalize,
     load_strict,
     param_dtype,
     read_checkpoint,
     resolve_pretrained,
     unknown_model,
+    upstream_label,
 )
 
 # VisionTransformer arguments arch may set: the input size has its own config key, and
@@ -98,20 +99,12 @@ class Dinov2Encoder(Encoder):
         kwargs = dict(cfg.arch)
         if cfg.image_size is not None:
             kwargs["img_size"] = cfg.image_size
-        try:
-            return timm.create_model(name, pretrained=source.load_tag, **kwargs)
-        except Exception as err:
-            if source.load_tag:
-                raise fetch_failure(source.key, "timm", f"timm weights {name!r}", err,
-                                    f"the timm state dict of {cfg.model!r}") from err
-            raise ValueError(f"{prefix}.arch: timm could not build {cfg.model!r} with arch {cfg.arch}: "
-                             f"{type(err).__name__}: {err}") from err
+        return create_upstream(lambda: timm.create_model(name, pretrained=source.load_tag, **kwargs),
+                               cfg, source, prefix, "timm", f"timm weights {name!r}",
+                               f"the timm state dict of {cfg.model!r}")
 
     def upstream_name(self) -> str:
-        tag = f".{self.pretrained_tag}" if self.pretrained_tag else ""
-        if self.pretrained_tag and not self.tag_weights_loaded:
-            tag += " (config only, random weights)"
-        return f"timm:{self.cfg.model}{tag}"
+        return upstream_label("timm", self.cfg.model, self.pretrained_tag, self.tag_weights_loaded)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` normalised pixels -> ``[B, h, w, C]`` output of block ``self.block``."""

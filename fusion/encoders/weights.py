@@ -21,7 +21,7 @@ import difflib
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -117,6 +117,30 @@ def fetch_failure(key: str, library: str, source: str, err: BaseException, file_
         f"elsewhere and set {key} to the local file ({'/'.join(CHECKPOINT_SUFFIXES)}) holding "
         f"{file_format}; if the download worked, check that encoders.<name>.arch fits those weights."
     )
+
+
+def upstream_label(library: str, model: str, tag: Optional[str], tag_loaded: bool) -> str:
+    """``library:model``, with the pretrained tag, marked when only its config was used."""
+    if not tag:
+        return f"{library}:{model}"
+    return f"{library}:{model} ({tag})" if tag_loaded else f"{library}:{model} ({tag} config, random weights)"
+
+
+def create_upstream(create: Callable[[], Any], cfg: EncoderConfig, source: WeightSource, prefix: str,
+                    library: str, what: str, file_format: str) -> Any:
+    """Run the upstream constructor ``create()``; turn its failure into an actionable error.
+
+    With a tag being downloaded, the failure is the download's (:func:`fetch_failure`);
+    otherwise the upstream rejected the architecture: a ValueError naming ``{prefix}.arch``.
+    ``what`` names the weights in messages, ``file_format`` what a local file must hold.
+    """
+    try:
+        return create()
+    except Exception as err:
+        if source.load_tag:
+            raise fetch_failure(source.key, library, what, err, file_format) from err
+        raise ValueError(f"{prefix}.arch: {library} could not build {cfg.model!r} with arch {cfg.arch}: "
+                         f"{type(err).__name__}: {err}") from err
 
 
 # ----------------------------------------------------------------------------- reading
