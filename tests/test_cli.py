@@ -1,10 +1,10 @@
 """The fusion-tower command: info and extract (with resume), checked against the tower itself."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -67,3 +67,12 @@ def test_extract_records_unreadable_image(tmp_path, capsys):
 def test_python_dash_m_runs():
     proc = subprocess.run([sys.executable, "-m", "fusion", "presets"], capture_output=True, text=True)
     assert proc.returncode == 0 and "vsre" in proc.stdout.split()
+
+
+def test_cli_turns_on_huge_page_allocation_unless_told_otherwise(monkeypatch, capsys):
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    assert main(["presets"]) == 0
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert main(["presets"]) == 0
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
