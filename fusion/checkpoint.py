@@ -12,7 +12,6 @@ A saved tower is a folder with:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, Optional
 
