@@ -31,7 +31,7 @@ require_canonical(__name__)  # registering the fusion:: ops twice frees them und
 MAX_BC = 64  # channels per program: B*C/64 programs; spill-free [32, 64] tiles on sm_90 (ptxas)
 # Per-row index math is written inline rather than as a @triton.jit helper: the Triton
 # interpreter (CPU tests, traffic counts) re-patches triton.language on every nested
-# @jit call, milliseconds each.
+# @jit call, milliseconds each. Once-per-program helpers (_level_columns) are fine.
 
 
 @triton.jit
@@ -44,18 +44,26 @@ def _col_weights(offs_j, W, lw, xk, valid):
 
 
 @triton.jit
-def _pyramid_fwd_kernel(x_ptr, out_ptr, tab_ptr, H, W, C, stb, stn, stc, sob, son, soc,
-                        KP: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
-    cb = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+def _level_columns(tab_ptr, KP: tl.constexpr):
+    """The ``[5, KP]`` table of :func:`._plan.pyramid_tables` as int64 ``[KP]`` vectors
+    (level rows, level cols, column x, first token of the level) and the valid mask.
+    Called once per program (the interpreter's cost of a nested call is per call)."""
     offs_k = tl.arange(0, KP)
-    # index math in int64: no int32 overflow, and no overflow checks in the interpreter
     lh = tl.load(tab_ptr + offs_k).to(tl.int64)
     lw = tl.load(tab_ptr + KP + offs_k).to(tl.int64)
     xk = tl.load(tab_ptr + 2 * KP + offs_k).to(tl.int64)
     base = tl.load(tab_ptr + 3 * KP + offs_k).to(tl.int64)
     valid = tl.load(tab_ptr + 4 * KP + offs_k) != 0
-    H = b * 0 + H
+    return lh, lw, xk, base, valid
+
+
+@triton.jit
+def _pyramid_fwd_kernel(x_ptr, out_ptr, tab_ptr, H, W, C, stb, stn, stc, sob, son, soc,
+                        KP: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
+    cb = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    lh, lw, xk, base, valid = _level_columns(tab_ptr, KP)
+    H = b * 0 + H  # int64 index math: no int32 overflow, no overflow checks in the interpreter
     W = b * 0 + W
     offs_c = cb * BC + tl.arange(0, BC)
     cmask = offs_c < C
@@ -96,14 +104,8 @@ def _pyramid_bwd_kernel(g_ptr, dx_ptr, tab_ptr, H, W, C, sgb, sgn, sgc, sdb, sdn
                         KP: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
     cb = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs_k = tl.arange(0, KP)
-    # index math in int64: no int32 overflow, and no overflow checks in the interpreter
-    lh = tl.load(tab_ptr + offs_k).to(tl.int64)
-    lw = tl.load(tab_ptr + KP + offs_k).to(tl.int64)
-    xk = tl.load(tab_ptr + 2 * KP + offs_k).to(tl.int64)
-    base = tl.load(tab_ptr + 3 * KP + offs_k).to(tl.int64)
-    valid = tl.load(tab_ptr + 4 * KP + offs_k) != 0
-    H = b * 0 + H
+    lh, lw, xk, base, valid = _level_columns(tab_ptr, KP)
+    H = b * 0 + H  # int64 index math: no int32 overflow, no overflow checks in the interpreter
     W = b * 0 + W
     offs_c = cb * BC + tl.arange(0, BC)
     cmask = offs_c < C
