@@ -20,6 +20,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from .config_files import read_config_file
+from .config_values import (arch_mapping, boolean, choice, int_list, integer, layer, nonempty_str, optional_str,
+                            positive_float)
 
 PRESET_DIR = Path(__file__).with_name("configs")
 
@@ -303,7 +305,7 @@ def _parse_encoder(name: str, raw: Any) -> EncoderConfig:
             raise ValueError(f"{prefix}.{required}: missing (every encoder needs 'type' and 'model')")
     from .encoders.registry import get_encoder_class
 
-    get_encoder_class(_str(raw["type"], f"{prefix}.type"), key=f"{prefix}.type")
+    get_encoder_class(nonempty_str(raw["type"], f"{prefix}.type"), key=f"{prefix}.type")
     return _parse_section(EncoderConfig, {"name": name, **raw}, prefix, _ENCODER_CHECKS, hidden=("name",))
 
 
@@ -331,132 +333,46 @@ def _check_keys(raw: Mapping[str, Any], allowed: Sequence[str], prefix: str, ext
         raise ValueError(f"{dotted}: unknown key{hint}; valid keys here are {list(allowed)}")
 
 
-# Each check takes (value, dotted_key) and returns the validated value.
-
-
-def _str(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{key}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def _choice(choices: Sequence[str], optional: bool = False):
-    def check(value: Any, key: str):
-        if value is None and optional:
-            return None
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), list(choices), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{key}: got {value!r}{hint}; accepted values are {list(choices)}"
-                             + (" or null" if optional else ""))
-        return value
-
-    return check
-
-
-def _int(minimum: Optional[int] = None, maximum: Optional[int] = None, optional: bool = False):
-    def check(value: Any, key: str):
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key}: expected an integer, got {value!r} ({type(value).__name__})")
-        if minimum is not None and value < minimum:
-            raise ValueError(f"{key}: got {value}; must be >= {minimum}")
-        if maximum is not None and value > maximum:
-            raise ValueError(f"{key}: got {value}; must be <= {maximum}")
-        return value
-
-    return check
-
-
-def _bool(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{key}: expected true or false, got {value!r}")
-    return value
-
-
-def _positive_float(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{key}: expected a positive number, got {value!r}")
-    return float(value)
-
-
-def _optional_str(value: Any, key: str) -> Optional[str]:
-    return None if value is None else _str(value, key)
-
-
-def _layer(value: Any, key: str) -> int:
-    value = _int()(value, key)
-    if value == 0:
-        raise ValueError(f"{key}: got 0; use -k for the k-th block from the end (-1 is the last) "
-                         f"or k >= 1 for the k-th block from the start")
-    return value
-
-
-def _int_list(minimum: int, what: str, increasing: bool = False, allow_empty: bool = True):
-    def check(value: Any, key: str) -> List[int]:
-        if value is None and allow_empty:
-            return []
-        ok = isinstance(value, (list, tuple)) and all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value)
-        if not ok or (not allow_empty and not value):
-            raise ValueError(f"{key}: expected a {'non-empty ' if not allow_empty else ''}list of integers "
-                             f">= {minimum} ({what}), got {value!r}")
-        if increasing and any(b <= a for a, b in zip(value, value[1:])):
-            raise ValueError(f"{key}: got {list(value)}; list each value once, in increasing order ({what})")
-        return list(value)
-
-    return check
-
-
 def _reduce(value: Any, key: str) -> Optional[ReduceConfig]:
     if value is None:
         return None
     return _parse_section(ReduceConfig, value, key, _REDUCE_CHECKS)
 
 
-def _arch(value: Any, key: str) -> Dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise ValueError(f"{key}: expected a mapping of upstream constructor arguments, got {value!r}")
-    return dict(value)
-
-
 _ENCODER_CHECKS = {
-    "name": _str,
-    "type": _str,
-    "model": _str,
-    "pretrained": _optional_str,
-    "layer": _layer,
-    "image_size": _int(minimum=1, optional=True),
-    "freeze": _bool,
-    "dtype": _choice(DTYPES, optional=True),
-    "arch": _arch,
-    "scales": _int_list(1, "e.g. [1, 2]: the input size and twice it", increasing=True, allow_empty=False),
+    "name": nonempty_str,
+    "type": nonempty_str,
+    "model": nonempty_str,
+    "pretrained": optional_str,
+    "layer": layer,
+    "image_size": integer(minimum=1, optional=True),
+    "freeze": boolean,
+    "dtype": choice(DTYPES, optional=True),
+    "arch": arch_mapping,
+    "scales": int_list(1, "e.g. [1, 2]: the input size and twice it", increasing=True, allow_empty=False),
 }
 _REDUCE_CHECKS = {
-    "method": _choice(REDUCE_METHODS),
-    "keep": _int(minimum=1),
-    "metric": _str,
+    "method": choice(REDUCE_METHODS),
+    "keep": integer(minimum=1),
+    "metric": nonempty_str,
 }
 _FUSION_CHECKS = {
-    "grid": _int(minimum=1),
-    "resample": _choice(RESAMPLE_MODES),
-    "norm": _choice(NORMS),
-    "combine": _choice(COMBINES),
-    "width": _int(minimum=1, optional=True),
-    "kernels": _choice(KERNEL_BACKENDS),
-    "eps": _positive_float,
-    "levels": _int_list(1, "e.g. [12, 6, 3]: coarser square levels of the fused grid"),
+    "grid": integer(minimum=1),
+    "resample": choice(RESAMPLE_MODES),
+    "norm": choice(NORMS),
+    "combine": choice(COMBINES),
+    "width": integer(minimum=1, optional=True),
+    "kernels": choice(KERNEL_BACKENDS),
+    "eps": positive_float,
+    "levels": int_list(1, "e.g. [12, 6, 3]: coarser square levels of the fused grid"),
     "reduce": _reduce,
-    "pos_embed": _choice(POS_EMBEDS),
+    "pos_embed": choice(POS_EMBEDS),
 }
 _PROJECTOR_CHECKS = {
-    "type": _choice(PROJECTORS),
-    "out_dim": _int(minimum=1, optional=True),
+    "type": choice(PROJECTORS),
+    "out_dim": integer(minimum=1, optional=True),
 }
 _PROCESSOR_CHECKS = {
-    "size": _int(minimum=1, optional=True),
-    "mode": _choice(PROCESSOR_MODES),
+    "size": integer(minimum=1, optional=True),
+    "mode": choice(PROCESSOR_MODES),
 }

@@ -53,6 +53,22 @@ def _bipartite_match_kernel(
     tl.store(PARTNER + out, arg.to(tl.int64), mask=a_mask)
 
 @triton.jit
+def _output_block(OFFS, n_out, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The merge programs' tile: grid ``(output blocks, channel blocks, batch)``. Returns the
+    batch item (int64), the ``BLOCK_M`` output rows and their mask, each row's source
+    list ``[start, start + cnt)`` in the CSR offsets ``OFFS [B, n_out + 1]``, the longest
+    list, and the ``BLOCK_C`` channels and their mask. Once per program."""
+    bb = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = rows < n_out
+    offs = OFFS + bb * (n_out + 1)
+    start = tl.load(offs + rows, mask=r_mask, other=0)
+    cnt = tl.load(offs + rows + 1, mask=r_mask, other=0) - start
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return bb, rows, r_mask, start, cnt, tl.max(cnt, axis=0), cols, cols < C
+
+
+@triton.jit
 def _gather_merge_kernel(
     X, S, SRC, OFFS, OUT, OUT_S,          # x [B,N,C]; sizes fp32 [B,N]; src [B,N]; offs [B,n_out+1]
     N, n_out, C,
@@ -60,15 +76,7 @@ def _gather_merge_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """out[o] = Σ_{i in src[offs[o]:offs[o+1]]} (s_i / S_o) x_i, sources in list order."""
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    bb = tl.program_id(2).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_mask = rows < n_out
-    offs = OFFS + bb * (n_out + 1)
-    start = tl.load(offs + rows, mask=r_mask, other=0)
-    cnt = tl.load(offs + rows + 1, mask=r_mask, other=0) - start
-    max_cnt = tl.max(cnt, axis=0)
+    bb, rows, r_mask, start, cnt, max_cnt, cols, c_mask = _output_block(OFFS, n_out, C, BLOCK_M, BLOCK_C)
     src_base = SRC + bb * N
     s_base = S + bb * N
 
@@ -79,8 +87,6 @@ def _gather_merge_kernel(
         den += tl.load(s_base + src, mask=valid, other=0.0).to(tl.float32)
     den_safe = tl.where(den > 0.0, den, 1.0)
 
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = cols < C
     x_base = X + bb * stride_xb
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for j in range(0, max_cnt):
@@ -94,8 +100,9 @@ def _gather_merge_kernel(
     out_rows = bb * n_out + rows
     tl.store(OUT + out_rows[:, None] * C + cols[None, :], acc.to(OUT.dtype.element_ty),
              mask=r_mask[:, None] & c_mask[None, :])
-    if pid_c == 0:
+    if tl.program_id(1) == 0:
         tl.store(OUT_S + out_rows, den, mask=r_mask)
+
 
 @triton.jit
 def _gather_merge_backward_kernel(
@@ -110,19 +117,9 @@ def _gather_merge_backward_kernel(
     its sources' rows. Every input token is the source of exactly one output, so no two
     programs write the same element: no atomics, every grad_x row written once.
     """
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    bb = tl.program_id(2).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_mask = rows < n_out
-    offs = OFFS + bb * (n_out + 1)
-    start = tl.load(offs + rows, mask=r_mask, other=0)
-    cnt = tl.load(offs + rows + 1, mask=r_mask, other=0) - start
-    max_cnt = tl.max(cnt, axis=0)
+    bb, rows, r_mask, start, cnt, max_cnt, cols, c_mask = _output_block(OFFS, n_out, C, BLOCK_M, BLOCK_C)
     tot = tl.load(OUT_S + bb * n_out + rows, mask=r_mask, other=1.0)
     tot = tl.where(tot > 0.0, tot, 1.0)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = cols < C
     g = tl.load(G + bb * stride_gb + rows[:, None] * stride_gn + cols[None, :] * stride_gc,
                 mask=r_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
     src_base = SRC + bb * N

@@ -59,14 +59,10 @@ def _layer_norm(y: torch.Tensor, norm: Norm, eps: float) -> torch.Tensor:
     return F.layer_norm(y, (y.shape[-1],), weight, bias, eps)
 
 
-# fp32 bytes of one step of the inference path: small enough that the resampled grid
+# Bytes (in the compute dtype) of one step of the inference path: small enough that the resampled grid
 # and its LayerNorm stay in cache (and the allocator reuses the same blocks step after
 # step instead of faulting in fresh pages), large enough that per-call overhead is noise.
 STEP_BYTES = 4 << 20
-
-
-def _itemsize(x: torch.Tensor) -> int:
-    return 8 if x.dtype == torch.float64 else 4  # the compute dtype's
 
 
 def _needs_grad(grids: Sequence[torch.Tensor], norms: Sequence[Norm]) -> bool:
@@ -106,7 +102,7 @@ def grid_merge_reference(grids: Sequence[torch.Tensor], size: Tuple[int, int], m
     off = 0
     for i, (x, norm) in enumerate(zip(grids, norms)):
         C = x.shape[-1]
-        step = max(1, STEP_BYTES // (H * W * C * _itemsize(x))) if stepped else B
+        step = max(1, STEP_BYTES // (H * W * C * _compute_dtype(x.dtype).itemsize)) if stepped else B
         for b0 in range(0, B, step):
             y = resample_grid(x[b0:b0 + step], (H, W), mode).reshape(-1, H * W, C)
             y = _layer_norm(y, norm, eps)
