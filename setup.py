@@ -11,11 +11,18 @@ setup(
     packages=["fusion", "fusion.encoders", "fusion.kernels"],
     package_dir={"fusion": "fusion", "fusion.kernels": "kernels"},
     package_data={"fusion": ["configs/*.yaml"]},
+    # Ranges: the lower bound of each library fusion reads beyond its most stable API
+    # (open_clip, timm, transformers) is the oldest release CI tests (.ci/run reruns the encoder
+    # and HF tests at the bounds, read from this file by .ci/lower_bounds.py). No upper bounds:
+    # add one only for a known break, with the reason beside it.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.4",  # torch.library.custom_op (the fusion:: kernel ops)
         "torchvision>=0.19",
-        "timm>=1.0.9",
-        "open-clip-torch>=2.26",
+        # timm>=1.0.17: what open-clip-torch 3.2 needs; test_vit3 (the tiny SigLIP trunk) since 1.0.10
+        "timm>=1.0.17",
+        # open-clip-torch>=3.2: VisionTransformer.forward_intermediates (absent up to 2.31) and an
+        # image_size override that reaches timm-based towers (SigLIP; ignored before 3.2)
+        "open-clip-torch>=3.2",
         "segment-anything>=1.0",
         "triton>=3.0; platform_system == 'Linux'",
         "einops>=0.7",
@@ -26,9 +33,11 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        # transformers in dev so CI runs tests/test_hf.py (it is skipped without it)
-        "dev": ["pytest>=7.4", "hypothesis>=6.90", "transformers>=5.0"],
-        "hf": ["transformers>=5.0"],  # fusion.hf: transformers 5's dataclass configs
+        # transformers in dev so CI runs tests/test_hf.py (it is skipped without it).
+        # transformers>=5.4: AutoImageProcessor.register(image_processor_classes=...) (fusion.hf);
+        # 5.0-5.3 lack it.
+        "dev": ["pytest>=7.4", "hypothesis>=6.90", "transformers>=5.4"],
+        "hf": ["transformers>=5.4"],
         "bench": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["fusion-tower=fusion.cli:main"]},

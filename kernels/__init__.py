@@ -34,5 +34,9 @@ if __name__ == "fusion.kernels":
         "bipartite_merge_reference",
         "bipartite_merge_full",
     ]
-# Under any other name (a top-level ``kernels`` import from a checkout's root) this
-# module stays empty: see _canonical.py.
+else:
+    # Under any other name (a top-level ``kernels`` import from a checkout's root) this
+    # module stays empty: see _canonical.py. transformers reads the version of a ``kernels``
+    # module that has no distribution metadata from ``__version__`` (5.4-5.x crash on a
+    # missing one); "0" is below any kernel-hub release, so it reports no usable hub.
+    __version__ = "0"
