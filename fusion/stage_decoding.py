@@ -47,15 +47,17 @@ class CandidateStreams:
     """One CPU ``torch.Generator`` per candidate of one stage; :meth:`draw` gives each one uniform."""
 
     def __init__(self, seed: int, stage_index: int, candidates: Sequence[int]):
-        self.generators = []
+        self.generators = {}
         for i in candidates:
             g = torch.Generator(device="cpu")
             g.manual_seed(candidate_seed(seed, stage_index, i))
-            self.generators.append(g)
+            self.generators[i] = g
 
-    def draw(self) -> torch.Tensor:
-        """``[R]`` float64 uniforms in [0, 1), one from each candidate's own stream."""
-        return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+    def draw(self, candidates: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """``[R]`` float64 uniforms in [0, 1), the next one from each candidate's own stream
+        (``candidates``: those still decoding; default all, in the order given at construction)."""
+        chosen = self.generators if candidates is None else candidates
+        return torch.cat([torch.rand(1, generator=self.generators[i], dtype=torch.float64) for i in chosen])
 
 
 class TokenSampler:
@@ -227,7 +229,7 @@ def banned_token_ids(model) -> List[int]:
 
 
 def pad_token_id(model, tokenizer, eos: Sequence[int]) -> int:
-    """The id fed to rows that have finished (never read back)."""
+    """The padding id the naive reference hands to ``generate`` (which wants one; batch 1 never pads)."""
     pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
     if pad is None:
         pad = tokenizer.pad_token_id

@@ -18,8 +18,9 @@ How (one ``transformers.DynamicCache``, never re-filled from the prompt):
    cache; the N candidates branch from a copy of it (``copy.deepcopy`` +
    ``batch_repeat_interleave(N)``) and are decoded N wide, one token per row and step,
    until each closes the stage's tag (:class:`~fusion.stage_decoding.StopAtTag`), ends
-   the sequence or reaches ``max_new_tokens``. Finished rows are fed a padding token
-   whose outputs are never read, so all rows keep one length and need no attention mask.
+   the sequence or reaches ``max_new_tokens``. A finished candidate leaves the batch
+   (``batch_select_indices``), so the rows left always have one length and need no
+   attention mask or padding.
 3. The judge scores text continuations from a copy of the image + prompt cache (the
    pairwise judge sees the image and the question without encoding the image again).
 4. The winner's tokens (plus the closing tag if it never wrote it) extend the context.
@@ -47,7 +48,7 @@ import torch
 from transformers import DynamicCache
 
 from .stage_decoding import (Candidate, CandidateStreams, StopAtTag, TokenSampler, banned_token_ids, check_sampling,
-                             decode, encode, eos_token_ids, make_candidate, pad_token_id, split_choices,
+                             decode, encode, eos_token_ids, make_candidate, split_choices,
                              suffix_logprob)
 from .stage_judges import JudgeContext, resolve_judge
 
@@ -180,7 +181,6 @@ class CachedBackend:
         self.sampler, self.seed = sampler, seed
         self.keyword = cache_keyword(model)
         self.eos = eos_token_ids(model, self.tokenizer)
-        self.pad = pad_token_id(model, self.tokenizer, self.eos)
         self.banned = banned_token_ids(model)
         self.prompt_cache = DynamicCache(config=model.config)
         self.prompt_logits = self._forward(self.prompt_cache, inputs)[:, -1]  # [1, V]
@@ -218,26 +218,28 @@ class CachedBackend:
         return self.context_logits
 
     def sample(self, stage_index: int, stage: Stage, n: int, max_new_tokens: int) -> List[Candidate]:
-        """``n`` candidates decoded in one batch from a copy of the context cache."""
-        logits = self._flush().expand(n, -1)  # [n, V]
+        """``n`` candidates decoded in one batch from a copy of the context cache; a candidate
+        that finishes leaves the batch (its cache row is dropped)."""
+        logits = self._flush().expand(n, -1)  # [rows, V], row r is candidate rows[r]
         cache = self.branch(self.context, n)
         streams = CandidateStreams(self.seed, stage_index, range(n))
         stop = StopAtTag(self.tokenizer, stage.close)
         sampled: List[List[int]] = [[] for _ in range(n)]
         logprobs: List[List[float]] = [[] for _ in range(n)]
-        active = list(range(n))
+        rows = list(range(n))
         for step in range(max_new_tokens):
-            tokens = self.sampler.sample(logits, streams.draw(), self.banned)  # [n]
+            tokens = self.sampler.sample(logits, streams.draw(rows), self.banned)  # [rows]
             logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0].tolist()
-            for i in active:
-                sampled[i].append(int(tokens[i]))
-                logprobs[i].append(logp[i])
-            active = [i for i in active if sampled[i][-1] not in self.eos and not stop.closes(sampled[i])]
-            if not active or step == max_new_tokens - 1:
+            for r, i in enumerate(rows):
+                sampled[i].append(int(tokens[r]))
+                logprobs[i].append(logp[r])
+            going = [r for r, i in enumerate(rows) if sampled[i][-1] not in self.eos and not stop.closes(sampled[i])]
+            if not going or step == max_new_tokens - 1:
                 break
-            feed = torch.full((n, 1), self.pad, dtype=torch.long, device=tokens.device)
-            feed[active, 0] = tokens[active]
-            logits = self._forward(cache, {"input_ids": feed})[:, -1]
+            if len(going) < len(rows):
+                cache.batch_select_indices(torch.tensor(going, device=tokens.device))
+                rows, tokens = [rows[r] for r in going], tokens[going]
+            logits = self._forward(cache, {"input_ids": tokens[:, None]})[:, -1]
         return [make_candidate(self.tokenizer, stop, sampled[i], logprobs[i], self.eos) for i in range(n)]
 
     def choice_logprobs(self, text: str, choices: Sequence[str]) -> List[float]:
