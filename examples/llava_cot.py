@@ -10,7 +10,7 @@
 For each stage (<SUMMARY>, <CAPTION>, <REASONING>, <CONCLUSION>) it prints every
 candidate with its score and marks the chosen one, then the answer, then how many times
 the vision tower ran (once). The tiny model has random weights: its stages are random
-words from a 30-word vocabulary, and a candidate closes its tag only by chance.
+words from a 36-token vocabulary, and a candidate closes its tag only by chance.
 With ``--model-dir`` the prompt comes from the processor's chat template (or
 ``--prompt``, which must contain the image token).
 """

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .stage_decoding import Candidate
 
 # What a better text does at each LLaVA-CoT stage, after the paper's description of its
-# judge (Xu et al. 2024, sec. 3.2), in our words. Stages not listed get _ANY_STAGE.
+# stage-level judge (Xu et al. 2024), in our words. Stages not listed get _ANY_STAGE.
 STAGE_CRITERIA: Dict[str, str] = {
     "SUMMARY": "A better summary sets out the plan for answering the question: the overall approach, "
                "without working through the reasoning or writing formulas yet.",
@@ -108,12 +108,16 @@ class PairwiseJudge:
     reads more naturally to the model. ``criteria`` maps stage names to what a better text
     does. A candidate's score is the mean probability the judge preferred it over its
     duels (1.0 if it met no one).
+
+    LLaVA-CoT draws the pairs at random; here the first candidate is the champion and the
+    others challenge it in order. The candidates are independent samples, so their order
+    is already random, and the search stays reproducible from its seed alone.
     """
 
     name = "pairwise"
 
     def __init__(self, template: str = PAIRWISE_TEMPLATE, choices: Sequence[str] = PAIRWISE_CHOICES,
-                 criteria: Dict[str, str] = None):
+                 criteria: Optional[Dict[str, str]] = None):
         if len(choices) != 2:
             raise ValueError(f"choices: the pairwise judge compares two answers, got {list(choices)!r}")
         self.template = template
