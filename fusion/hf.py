@@ -61,6 +61,7 @@ except ImportError as err:  # pragma: no cover - exercised only without transfor
 
 from .config import TowerConfig, load_config, parse_config
 from .preprocess import EncoderInputs, ImageProcessor
+from .stages import generate_stages  # noqa: F401  (fusion.hf.generate_stages: staged reasoning)
 from .tower import WEIGHT_MODES, MultiEncoderTower
 
 MODEL_TYPE = "fusion_vision"
