@@ -18,11 +18,11 @@ setup(
     install_requires=[
         "torch>=2.4",  # torch.library.custom_op (the fusion:: kernel ops)
         "torchvision>=0.19",
-        # timm>=1.0.17: what open-clip-torch 3.2 needs; test_vit3 (the tiny SigLIP trunk) since 1.0.10
+        # open-clip-torch>=3.0 with timm>=1.0.17: together they pass encoders.<name>.image_size
+        # down to timm-based towers (SigLIP); older pairs build those at their native size.
+        # open_clip's VisionTransformer.forward_intermediates is absent up to 2.31.
         "timm>=1.0.17",
-        # open-clip-torch>=3.2: VisionTransformer.forward_intermediates (absent up to 2.31) and an
-        # image_size override that reaches timm-based towers (SigLIP; ignored before 3.2)
-        "open-clip-torch>=3.2",
+        "open-clip-torch>=3.0",
         "segment-anything>=1.0",
         "triton>=3.0; platform_system == 'Linux'",
         "einops>=0.7",

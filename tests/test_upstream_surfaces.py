@@ -70,10 +70,10 @@ def test_signature(dist, dotted, params, user):
     try:
         obj = _resolve(dotted)
     except (ImportError, AttributeError) as err:
-        pytest.fail(_moved(dist, dotted, f"no longer exists ({type(err).__name__}: {err})", user))
+        pytest.fail(_moved(dist, dotted, f"does not exist ({type(err).__name__}: {err})", user))
     accepted = inspect.signature(obj).parameters
     missing = [p for p in params if p not in accepted]
-    assert not missing, _moved(dist, dotted, f"no longer accepts {missing} (it takes {list(accepted)})", user)
+    assert not missing, _moved(dist, dotted, f"does not accept {missing} (it takes {list(accepted)})", user)
 
 
 def test_open_clip_forward_intermediates_output():
@@ -94,6 +94,20 @@ def test_open_clip_forward_intermediates_output():
     shape = tuple(out["image_intermediates"][0].shape)
     assert shape == (1, 4, 32), _moved("open-clip-torch", where, f"gives {shape}, not [1, 4, 32] "
                                        f"(2x2 patches, CLS removed)", "fusion/encoders/clip.py")
+
+
+def test_open_clip_image_size_reaches_timm_towers():
+    """``force_image_size`` resizes a timm-trunk tower (SigLIP) as it does open_clip's own ViT."""
+    import open_clip
+
+    model = open_clip.create_model("ViT-B-16-SigLIP", force_image_size=32, embed_dim=16,
+                                   vision_cfg={"timm_model_name": "test_vit3"},
+                                   text_cfg={"layers": 1, "width": 16, "heads": 1, "vocab_size": 8,
+                                             "context_length": 4})
+    size = tuple(model.visual.trunk.patch_embed.img_size)
+    assert size == (32, 32), _moved("open-clip-torch", "create_model(force_image_size=...) on a timm tower",
+                                    f"builds the trunk at {size}, not (32, 32)",
+                                    "fusion/encoders/clip.py (encoders.<name>.image_size of SigLIP)")
 
 
 def test_timm_forward_intermediates_output():
