@@ -141,7 +141,8 @@ def _load_featurizers(tower: MultiEncoderTower, state: Mapping[str, torch.Tensor
     for featurizer in names:
         enc_name = mapping[featurizer]
         if enc_name not in tower.encoders:
-            raise ValueError(f"featurizers[{featurizer!r}]: no encoder {enc_name!r}; encoders are {list(tower.encoders)}")
+            raise ValueError(f"featurizers[{featurizer!r}]: no encoder {enc_name!r}; "
+                             f"encoders are {list(tower.encoders)}")
         vit = _timm_vit(tower.encoders[enc_name])
         load_strict(vit, take_prefix(state, f"{featurizer}."), f"encoders.{enc_name}", path,
                     f"Prismatic's {featurizer!r}: the timm state dict of encoders.{enc_name} "
@@ -151,8 +152,10 @@ def _load_featurizers(tower: MultiEncoderTower, state: Mapping[str, torch.Tensor
 
 
 def _default_featurizers(names, encoders) -> Dict[str, str]:
-    """``<name>_featurizer`` -> encoder ``<name>``; a lone ``featurizer`` -> the only encoder."""
-    mapping = {f: f[: -len(FEATURIZER_SUFFIX)] for f in names if f.endswith(FEATURIZER_SUFFIX)}
+    """``<name>_featurizer`` -> encoder ``<name>`` (when the tower has it); a lone ``featurizer`` -> the
+    only encoder."""
+    mapping = {f: f[: -len(FEATURIZER_SUFFIX)] for f in names
+               if f.endswith(FEATURIZER_SUFFIX) and f[: -len(FEATURIZER_SUFFIX)] in encoders}
     if "featurizer" in names and len(encoders) == 1:
         mapping["featurizer"] = encoders[0]
     return mapping
