@@ -122,8 +122,9 @@ class ImageProcessor:
 
     Resizing is bicubic in float (:func:`resize_images`), so float inputs keep their
     precision. Besides ``pixel_values`` the output holds ``image_sizes [B, 2]`` (int64,
-    each original's ``(height, width)``). Pixel values are *not* normalised (``do_normalize`` is False): each
-    encoder normalises its own input on the device (:class:`EncoderInputs`).
+    each original's ``(height, width)``). Pixel values are *not* normalised
+    (``do_normalize`` is False): each encoder normalises its own input on the device
+    (:class:`EncoderInputs`).
     ``image_mean``/``image_std`` are exposed for code that reads them (LLaVA reads the
     mean for its pad colour). ``alpha``: ``"drop"`` or ``"white"``, see
     :mod:`fusion.image_io`.
