@@ -9,6 +9,7 @@ from .encoders.base import Encoder
 from .encoders.registry import list_encoders, register_encoder
 from .image_io import open_image
 from .preprocess import ImageProcessor
+from .prismatic import load_prism_checkpoint
 from .tower import MultiEncoderTower, TowerOutput, build_tower
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "list_encoders",
     "list_presets",
     "load_config",
+    "load_prism_checkpoint",
     "open_image",
     "parse_box",
     "register_encoder",

@@ -21,7 +21,7 @@ import yaml
 
 from .config_files import read_config_file
 from .config_values import (arch_mapping, boolean, choice, int_list, integer, layer, nonempty_str, optional_str,
-                            positive_float)
+                            pad_color, positive_float)
 
 PRESET_DIR = Path(__file__).with_name("configs")
 
@@ -30,7 +30,7 @@ RESAMPLE_MODES = ("area", "bilinear")
 NORMS = ("layernorm", "none")
 COMBINES = ("channel_concat", "sequence_concat")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
-PROJECTORS = ("none", "linear", "mlp2x_gelu")
+PROJECTORS = ("none", "linear", "mlp2x_gelu", "fused_gelu_mlp")
 PROCESSOR_MODES = ("pad", "squash", "crop")
 REDUCE_METHODS = ("bipartite",)
 POS_EMBEDS = ("none", "sincos")
@@ -111,12 +111,19 @@ class ProcessorConfig:
     """Host-side image processing: every image becomes ``[3, size, size]`` in [0, 1].
 
     ``size`` null means the largest encoder input size. ``mode``: ``pad`` (pad to a
-    square with the mean colour, then resize: LLaVA-1.5), ``squash`` (resize, aspect
-    ignored) or ``crop`` (resize the short side, centre crop).
+    square with a mean colour, then resize: LLaVA-1.5, Prismatic's ``letterbox``),
+    ``squash`` (resize, aspect ignored: Prismatic's ``resize-naive``) or ``crop``
+    (resize the short side, centre crop).
+
+    ``pad_color`` (``pad`` mode): ``per_encoder`` (each encoder's image is letterboxed
+    with its own mean colour ``int(mean * 255)``, as Prismatic does), an encoder name
+    (that encoder's mean colour for every encoder) or ``[R, G, B]`` (0-255, for every
+    encoder). See :mod:`fusion.letterbox`.
     """
 
     size: Optional[int] = None
     mode: str = "pad"
+    pad_color: Union[str, List[int]] = "per_encoder"
 
 
 @dataclass
@@ -255,6 +262,7 @@ def parse_config(raw: Mapping[str, Any]) -> TowerConfig:
                          f"(a positive int); got null")
     _check_levels(fusion)
     _check_reduce(fusion, list(encoders))
+    _check_pad_color(processor, list(encoders))
     return TowerConfig(encoders=encoders, fusion=fusion, projector=projector, processor=processor)
 
 
@@ -294,6 +302,17 @@ def _check_reduce(fusion: FusionConfig, encoder_names: List[str]) -> None:
         raise ValueError(f"fusion.reduce.metric: an encoder metric ({red.metric!r}) gives one feature per grid "
                          f"cell, but fusion.combine {fusion.combine!r} has {n_grids} tokens per cell; use "
                          f"metric 'fused' or combine 'channel_concat'")
+
+
+def _check_pad_color(processor: ProcessorConfig, encoder_names: List[str]) -> None:
+    """``processor.pad_color``: a name must be ``per_encoder`` or one of the encoders."""
+    value = processor.pad_color
+    choices = ["per_encoder", *encoder_names]
+    if isinstance(value, str) and value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"processor.pad_color: got {value!r}{hint}; accepted values are {choices} "
+                         f"(an encoder name uses that encoder's mean colour for all) or [R, G, B] in 0-255")
 
 
 def _parse_encoder(name: str, raw: Any) -> EncoderConfig:
@@ -375,4 +394,5 @@ _PROJECTOR_CHECKS = {
 _PROCESSOR_CHECKS = {
     "size": integer(minimum=1, optional=True),
     "mode": choice(PROCESSOR_MODES),
+    "pad_color": pad_color,
 }

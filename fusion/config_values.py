@@ -7,7 +7,7 @@ Plain checks take ``(value, dotted_key)``; the factories (:func:`choice`, :func:
 from __future__ import annotations
 
 import difflib
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 
 def nonempty_str(value: Any, key: str) -> str:
@@ -59,6 +59,17 @@ def positive_float(value: Any, key: str) -> float:
 
 def optional_str(value: Any, key: str) -> Optional[str]:
     return None if value is None else nonempty_str(value, key)
+
+
+def pad_color(value: Any, key: str) -> Union[str, List[int]]:
+    """A colour name (checked against the encoders by :mod:`fusion.config`) or ``[R, G, B]`` in 0-255."""
+    if isinstance(value, str) and value:
+        return value
+    if (isinstance(value, (list, tuple)) and len(value) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value)):
+        return list(value)
+    raise ValueError(f"{key}: expected 'per_encoder', an encoder name or [R, G, B] (three integers in 0-255), "
+                     f"got {value!r}")
 
 
 def layer(value: Any, key: str) -> int:

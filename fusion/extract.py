@@ -143,17 +143,18 @@ def extract_features(tower, image_paths: Sequence[Path], out_dir, batch_size: in
                 except Exception as err:  # any unreadable image is recorded, not fatal
                     failed[path.name] = f"{type(err).__name__}: {err}"
             if images:
-                pixels = tower.image_processor(images)["pixel_values"]
+                batch = tower.image_processor(images)
+                pixels, sizes = batch["pixel_values"], batch["image_sizes"]  # sizes: per-encoder letterbox colours
                 # no_grad, not inference_mode: a tensor a module caches during extraction stays
                 # usable for autograd later in the same process (extract, then train from the cache)
                 with torch.no_grad():
                     if cache_encoders:  # the same computation as tower(pixels), keeping the grids
-                        grids = tower.encode(pixels)
+                        grids = tower.encode(pixels, image_sizes=sizes)
                         tokens = tower.merge_and_project(grids).float().cpu()
                         for enc_name, grid in grids.items():
                             grids_out.update({f"{k}/{enc_name}": g.cpu().contiguous() for k, g in zip(keys, grid)})
                     else:
-                        tokens = tower(pixels).float().cpu()
+                        tokens = tower(pixels, image_sizes=sizes).float().cpu()
                 features.update({k: t.contiguous() for k, t in zip(keys, tokens)})
             bar.update(len(batch_paths))
         entry = {"shard": f"{name}.safetensors" if features else None, "images": sorted(features),

@@ -5,6 +5,9 @@ into ``pixel_values [B, 3, S, S]`` float32 in [0, 1]: one square input shared by
 encoders, *not* normalised. ``EncoderInputs`` then makes each encoder's own input on
 the device: resize to its ``image_size`` and normalise with its ``mean``/``std``,
 once per distinct request, so encoders that want the same pixels share the work.
+In ``pad`` mode each encoder can be letterboxed with its own colour: the processor also
+returns ``image_sizes`` and the device half recolours the padding per encoder (see
+:mod:`fusion.letterbox`).
 
 Resizing (both halves) is :func:`resize_images`: PIL's separable antialiased filter,
 done with ``torch.nn.functional.interpolate(..., antialias=True)`` in float (no 8-bit
@@ -26,6 +29,7 @@ from torch import nn
 
 from .config import PROCESSOR_MODES
 from .image_io import ALPHA_MODES, load_images
+from .letterbox import mean_color
 
 # OpenAI CLIP's normalisation: LLaVA pads with this mean colour and reads both from
 # its image processor.
@@ -106,18 +110,21 @@ class ImageProcessor:
 
     ``mode``:
 
-    - ``"pad"`` (LLaVA-1.5's ``expand2square``): pad to a square with the pad colour
-      ``int(m * 255)`` of each ``image_mean`` channel (LLaVA truncates, giving
+    - ``"pad"`` (LLaVA-1.5's ``expand2square``): pad to a square with ``pad_color``
+      (default ``int(m * 255)`` of each ``image_mean`` channel: LLaVA truncates, giving
       (122, 116, 104) for CLIP), the image centred (offset ``(long - short) // 2``),
-      then resize to ``size``.
+      then resize to ``size``. The tower can recolour the padding per encoder from
+      ``image_sizes`` (:mod:`fusion.letterbox`).
     - ``"squash"``: resize to ``size`` x ``size``, aspect ratio ignored.
     - ``"crop"``: resize the short side to ``size`` (long side ``int(size * long /
       short)``), then centre crop (offset ``round((side - size) / 2)``), as
       torchvision's ``Resize(size)`` + ``CenterCrop(size)`` do.
 
     Resizing is bicubic in float (:func:`resize_images`), so float inputs keep their
-    precision. Pixel values are *not* normalised (``do_normalize`` is False): each
-    encoder normalises its own input on the device (:class:`EncoderInputs`).
+    precision. Besides ``pixel_values`` the output holds ``image_sizes [B, 2]`` (int64,
+    each original's ``(height, width)``). Pixel values are *not* normalised
+    (``do_normalize`` is False): each encoder normalises its own input on the device
+    (:class:`EncoderInputs`).
     ``image_mean``/``image_std`` are exposed for code that reads them (LLaVA reads the
     mean for its pad colour). ``alpha``: ``"drop"`` or ``"white"``, see
     :mod:`fusion.image_io`.
@@ -131,7 +138,8 @@ class ImageProcessor:
     do_normalize = False
 
     def __init__(self, size: int, mode: str = "pad", image_mean: Sequence[float] = CLIP_MEAN,
-                 image_std: Sequence[float] = CLIP_STD, alpha: str = "drop"):
+                 image_std: Sequence[float] = CLIP_STD, alpha: str = "drop",
+                 pad_color: Optional[Sequence[int]] = None):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size: expected a positive int (the output side in pixels), got {size!r}")
         if mode not in PROCESSOR_MODES:
@@ -146,7 +154,7 @@ class ImageProcessor:
         self.size = {"shortest_edge": size}
         self.crop_size = {"height": size, "width": size}
         # LLaVA: expand2square(image, tuple(int(x * 255) for x in image_processor.image_mean))
-        self.pad_color = tuple(int(m * 255) for m in self.image_mean)
+        self.pad_color = mean_color(self.image_mean) if pad_color is None else _color(pad_color, "pad_color")
 
     @classmethod
     def from_config(cls, cfg, encoders: Iterable[Any] = ()) -> "ImageProcessor":
@@ -166,7 +174,8 @@ class ImageProcessor:
 
     def preprocess(self, images: Any = None, return_tensors: Optional[str] = "pt", rois: Any = None,
                    ) -> BatchFeature:
-        """``images`` (one or a list, see :mod:`fusion.image_io`) -> ``{"pixel_values": [B, 3, S, S]}``.
+        """``images`` (one or a list, see :mod:`fusion.image_io`) -> ``{"pixel_values": [B, 3, S, S],
+        "image_sizes": [B, 2]}`` (``image_sizes``: int64 ``(height, width)`` of each original).
 
         Tensors keep their device (a list is gathered on its first element's device);
         everything else is processed on the CPU.
@@ -187,7 +196,9 @@ class ImageProcessor:
         batches = [self._square(x) for x in loaded]
         device = batches[0].device
         pixel_values = torch.cat([b.to(device) for b in batches]).contiguous()
-        out = BatchFeature(pixel_values=pixel_values)
+        sizes = [tuple(b.shape[-2:]) for b in loaded for _ in range(b.shape[0])]
+        out = BatchFeature(pixel_values=pixel_values,
+                           image_sizes=torch.tensor(sizes, dtype=torch.int64, device=device).reshape(-1, 2))
         if rois is not None:
             from .roi import crop_rois
 
@@ -275,11 +286,19 @@ class ImageProcessor:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"size": self.image_size, "mode": self.mode, "image_mean": list(self.image_mean),
-                "image_std": list(self.image_std), "alpha": self.alpha}
+                "image_std": list(self.image_std), "alpha": self.alpha, "pad_color": list(self.pad_color)}
 
     def __repr__(self) -> str:
         return (f"ImageProcessor(size={self.image_size}, mode={self.mode!r}, "
                 f"image_mean={self.image_mean}, alpha={self.alpha!r})")
+
+
+def _color(value: Any, key: str) -> Tuple[int, int, int]:
+    """Validate an 8-bit RGB colour: three ints in 0-255."""
+    items = list(value) if isinstance(value, (list, tuple)) else []
+    if len(items) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in items):
+        raise ValueError(f"{key}: expected [R, G, B], three integers in 0-255, got {value!r}")
+    return items[0], items[1], items[2]
 
 
 def _triple(value: Any, key: str, kind: str) -> List[float]:
@@ -304,7 +323,9 @@ def _triple(value: Any, key: str, kind: str) -> List[float]:
 class InputGroup:
     """Encoders fed from one resize: same ``(image_size, resize, interpolation)``.
 
-    ``norms[k]`` is a distinct ``(mean, std)`` and ``names[k]`` the encoders using it.
+    ``norms[k]`` is a distinct ``(mean, std)``, ``shifts[k]`` its letterbox recolouring
+    (``(c - c0) / 255`` per channel, None when the pad colour is the frame's; see
+    :mod:`fusion.letterbox`) and ``names[k]`` the encoders using both.
     """
 
     image_size: int
@@ -312,6 +333,7 @@ class InputGroup:
     interpolation: str
     norms: Tuple[Tuple[Tuple[float, ...], Tuple[float, ...]], ...]
     names: Tuple[Tuple[str, ...], ...]
+    shifts: Tuple[Optional[Tuple[float, float, float]], ...] = ()
 
 
 class EncoderInputs(nn.Module):
@@ -331,23 +353,34 @@ class EncoderInputs(nn.Module):
     (for square ``pixel_values`` that is a plain resize). A resize to the size the
     input already has is skipped. mean/std live in non-persistent float32 buffers:
     ``.to(device)`` moves them, ``.to(dtype)`` leaves them exact, ``state_dict`` omits them.
+
+    Letterbox colours (``pad`` mode, :mod:`fusion.letterbox`): ``pad_colors`` maps input
+    names to their 8-bit pad colour and ``frame_color`` is the colour ``pixel_values`` were
+    padded with. ``forward(pixel_values, pad_weight)`` with ``pad_weight [B, 1, H, W]``
+    (:func:`fusion.letterbox.pad_weights`) gives an input whose colour differs
+    ``clamp(pixel_values + (c - c0) / 255 * pad_weight, 0, 1)`` before its resize (one
+    resize per distinct colour in a group); without ``pad_weight`` every input keeps
+    ``pixel_values``' padding and each group resizes once.
     """
 
-    def __init__(self, encoders: Iterable[Any]):
+    def __init__(self, encoders: Iterable[Any], pad_colors: Optional[Dict[str, Sequence[int]]] = None,
+                 frame_color: Optional[Sequence[int]] = None):
         super().__init__()
         specs = [_encoder_spec(e, i) for i, e in enumerate(encoders)]
         if not specs:
             raise ValueError("encoders: got none; EncoderInputs needs at least one encoder")
         seen = set()
-        plan: Dict[Tuple[int, str, str], Dict[Tuple, List[str]]] = {}
+        plan: Dict[Tuple, Dict[Tuple, List[str]]] = {}
         for i, (name, size, resize, interp, mean, std) in enumerate(specs):
             if name in seen:
                 raise ValueError(f"encoders[{i}].name: {name!r} appears twice; encoder names must be unique")
             seen.add(name)
-            plan.setdefault((size, resize, interp), {}).setdefault((mean, std), []).append(name)
+            shift = _pad_shift(name, pad_colors, frame_color)
+            plan.setdefault((size, resize, interp), {}).setdefault((mean, std, shift), []).append(name)
         self.names = tuple(s[0] for s in specs)
         self.groups = tuple(
-            InputGroup(size, resize, interp, tuple(norms), tuple(tuple(v) for v in norms.values()))
+            InputGroup(size, resize, interp, tuple(k[:2] for k in norms), tuple(tuple(v) for v in norms.values()),
+                       tuple(k[2] for k in norms))
             for (size, resize, interp), norms in plan.items())
         self._set_stats(torch.device("cpu"))
 
@@ -366,18 +399,37 @@ class EncoderInputs(nn.Module):
         self._set_stats(self.mean_0.device)
         return self
 
-    def forward(self, pixel_values: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, pixel_values: torch.Tensor, pad_weight: Optional[torch.Tensor] = None,
+                ) -> Dict[str, torch.Tensor]:
         x = _check_pixel_values(pixel_values)
+        h, w = x.shape[-2:]
+        if pad_weight is not None and (pad_weight.dim() != 4 or pad_weight.shape[0] != x.shape[0]
+                                       or tuple(pad_weight.shape[1:]) != (1, h, w)):
+            raise ValueError(f"pad_weight: expected [{x.shape[0]}, 1, {h}, {w}] (fusion.letterbox.pad_weights of "
+                             f"pixel_values' frame), got {list(pad_weight.shape)}")
         out: Dict[str, torch.Tensor] = {}
+        recoloured: Dict[Tuple[float, float, float], torch.Tensor] = {}  # shift -> [B, 3, H, W]
         for g, group in enumerate(self.groups):
-            h, w = x.shape[-2:]
             s = group.image_size
             target = longest_side_shape(h, w, s) if group.resize == "longest_side_pad" else (s, s)
-            y = resize_images(x, target, group.interpolation)  # [B, 3, h', w']
+            shifts = [None] * len(group.norms) if pad_weight is None else list(group.shifts)
+            resized: Dict[Any, torch.Tensor] = {}  # shift -> [B, 3, h', w']
+            for shift in dict.fromkeys(shifts):
+                source = x
+                if shift is not None:
+                    if shift not in recoloured:
+                        delta = torch.tensor(shift, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+                        recoloured[shift] = (x + delta * pad_weight.to(x.device, torch.float32)).clamp(0, 1)
+                    source = recoloured[shift]
+                resized[shift] = resize_images(source, target, group.interpolation)
             mean, std = getattr(self, f"mean_{g}"), getattr(self, f"std_{g}")
-            if mean.device != y.device:
-                mean, std = mean.to(y.device), std.to(y.device)
-            z = (y.unsqueeze(0) - mean) / std  # [K, B, 3, h', w']
+            if mean.device != x.device:
+                mean, std = mean.to(x.device), std.to(x.device)
+            if len(resized) == 1:
+                y = next(iter(resized.values())).unsqueeze(0)  # [1, B, 3, h', w'], broadcast over K
+            else:
+                y = torch.stack([resized[shift] for shift in shifts])  # [K, B, 3, h', w']
+            z = (y - mean) / std  # [K, B, 3, h', w']
             if target != (s, s):
                 z = F.pad(z, (0, s - target[1], 0, s - target[0]))  # zeros bottom/right, after normalising
             for k, names in enumerate(group.names):
@@ -390,13 +442,28 @@ class EncoderInputs(nn.Module):
         parts = []
         for g in self.groups:
             enc = ", ".join("+".join(n) for n in g.names)
-            parts.append(f"{g.image_size}px {g.resize}/{g.interpolation}: {enc}")
+            recolour = "" if not any(g.shifts) else " (own pad colours)"
+            parts.append(f"{g.image_size}px {g.resize}/{g.interpolation}{recolour}: {enc}")
         return "; ".join(parts)
 
 
 def encoder_inputs(pixel_values: torch.Tensor, encoders: Iterable[Any]) -> Dict[str, torch.Tensor]:
     """One-off ``EncoderInputs(encoders)(pixel_values)``."""
     return EncoderInputs(encoders).to(pixel_values.device)(pixel_values)
+
+
+def _pad_shift(name: str, pad_colors: Optional[Dict[str, Sequence[int]]], frame_color: Optional[Sequence[int]],
+               ) -> Optional[Tuple[float, float, float]]:
+    """``(c - c0) / 255`` of input ``name`` (None when it keeps the frame colour ``c0``)."""
+    if not pad_colors or name not in pad_colors:
+        return None
+    if frame_color is None:
+        raise ValueError("frame_color: required with pad_colors (the colour pixel_values are padded with)")
+    color, frame = _color(pad_colors[name], f"pad_colors[{name!r}]"), _color(frame_color, "frame_color")
+    if color == frame:
+        return None
+    r, g, b = ((c - f) / 255.0 for c, f in zip(color, frame))
+    return r, g, b
 
 
 def _encoder_spec(enc: Any, i: int):

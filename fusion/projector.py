@@ -15,7 +15,7 @@ def _none(in_dim: int, out_dim: Optional[int]) -> nn.Module:
     if out_dim is not None and out_dim != in_dim:
         raise ValueError(
             f"projector.out_dim: projector.type 'none' keeps the fused width {in_dim}, "
-            f"but out_dim is {out_dim}; set out_dim to null or {in_dim}, or choose 'linear'/'mlp2x_gelu'"
+            f"but out_dim is {out_dim}; set out_dim to null or {in_dim}, or choose 'linear'/'mlp2x_gelu'/'fused_gelu_mlp'"
         )
     return nn.Identity()
 
@@ -29,10 +29,23 @@ def _mlp2x_gelu(in_dim: int, out_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
 
+def _fused_gelu_mlp(in_dim: int, out_dim: int) -> nn.Module:
+    """Prismatic's ``fused-gelu-mlp`` (its projector for fused encoders, e.g. DINO-SigLIP):
+    Linear(C, 4C) -> GELU -> Linear(4C, D) -> GELU -> Linear(D, D).
+
+    The layers sit at the same indices (0, 2, 4) as in Prismatic's ``FusedMLPProjector.projector``,
+    so a Prism checkpoint's projector weights load by name (see :mod:`fusion.prismatic`).
+    """
+    hidden = 4 * in_dim
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim), nn.GELU(),
+                         nn.Linear(out_dim, out_dim))
+
+
 PROJECTORS: Dict[str, Callable[[int, Optional[int]], nn.Module]] = {
     "none": _none,
     "linear": _linear,
     "mlp2x_gelu": _mlp2x_gelu,
+    "fused_gelu_mlp": _fused_gelu_mlp,
 }
 
 

@@ -24,6 +24,7 @@ from .boxes import BoxLike, tokens_in
 from .config import ConfigSource, Overrides, TowerConfig, load_config
 from .encoders.base import Encoder
 from .encoders.registry import get_encoder_class
+from .letterbox import check_image_sizes, choose_pad_colors, pad_weights, roi_pad_weights
 from .merge import FusionMerge, GridSpec, Segment
 from .multiscale import encode_scales, is_multiscale, scaled_dim, scaled_input_specs, scaled_name, scales_of
 from .preprocess import EncoderInputs, ImageProcessor
@@ -96,18 +97,31 @@ class MultiEncoderTower(nn.Module):
                 torch.manual_seed(_encoder_seed(seed, name))
                 encoders[name] = get_encoder_class(enc_cfg.type, key=f"encoders.{name}.type")(enc_cfg, load_weights)
         self.encoders = nn.ModuleDict(encoders)
-        # plain inputs, then the s·S inputs of multi-scale encoders (none without `scales`)
-        self.encoder_inputs = EncoderInputs(list(self.encoders.values()) + scaled_input_specs(self.encoders.values()))
+        self._build_preprocessing(config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_encoder_seed(seed, "merge+projector"))
             specs = [GridSpec(name, tuple(enc.grid), scaled_dim(enc)) for name, enc in self.encoders.items()]
             self.merge = FusionMerge(specs, config.fusion)
             self.projector = build_projector(config.projector, self.merge.out_dim)
-        size = config.processor.size or max(enc.image_size for enc in self.encoders.values())
-        first = next(iter(self.encoders.values()))
-        self.image_processor = ImageProcessor(size, mode=config.processor.mode, image_mean=first.mean,
-                                              image_std=first.std)
         self.is_loaded = True
+
+    def _build_preprocessing(self, config: TowerConfig) -> None:
+        """The host ``image_processor`` and the on-device ``encoder_inputs``, with the letterbox
+        colours of ``processor.pad_color`` (:mod:`fusion.letterbox`): ``pixel_values`` are padded
+        with the frame colour (``per_encoder``: the first encoder's mean, which ``image_mean``
+        reports as LLaVA expects); in ``pad`` mode, with ``image_sizes``, each encoder's input is
+        recoloured to its own colour."""
+        scaled = scaled_input_specs(self.encoders.values())  # the s·S inputs of multi-scale encoders
+        bases = {scaled_name(name, s): name for name, enc in self.encoders.items() for s in scales_of(enc)}
+        colors = choose_pad_colors(config.processor.pad_color, self.encoders,
+                                   {spec.name: bases[spec.name] for spec in scaled})
+        pad_mode = config.processor.mode == "pad"
+        self.encoder_inputs = EncoderInputs(list(self.encoders.values()) + scaled,
+                                            pad_colors=colors.inputs if pad_mode else None, frame_color=colors.frame)
+        size = config.processor.size or max(enc.image_size for enc in self.encoders.values())
+        source = self.encoders[colors.source]
+        self.image_processor = ImageProcessor(size, mode=config.processor.mode, image_mean=source.mean,
+                                              image_std=source.std, pad_color=colors.frame)
 
     # ------------------------------------------------------------------ LLaVA contract
 
@@ -160,11 +174,34 @@ class MultiEncoderTower(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def encode(self, pixel_values: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def encode(self, pixel_values: torch.Tensor, image_sizes: Optional[torch.Tensor] = None,
+               ) -> Dict[str, torch.Tensor]:
         """Each encoder's grid: name -> ``[B, h, w, C]`` (``C × len(scales)`` for a multi-scale
-        encoder, see :mod:`fusion.multiscale`). Frozen encoders run without autograd."""
+        encoder, see :mod:`fusion.multiscale`). Frozen encoders run without autograd.
+        ``image_sizes [B, 2]`` (from the image processor): see :meth:`forward`."""
         pixel_values = self._check_pixels(pixel_values)
-        inputs = self.encoder_inputs(pixel_values)
+        return self._encode(pixel_values, self._pad_weight(image_sizes, pixel_values))
+
+    def _pad_weight(self, image_sizes: Optional[torch.Tensor], pixel_values: torch.Tensor) -> Optional[torch.Tensor]:
+        """``[B, 1, H, W]`` padding fraction of each pixel (:func:`fusion.letterbox.pad_weights`);
+        None without ``image_sizes``, outside ``pad`` mode, or when no image was padded."""
+        if image_sizes is None:
+            return None
+        sizes = check_image_sizes(image_sizes, pixel_values.shape[0])
+        if self.config.processor.mode != "pad":
+            return None
+        return pad_weights(sizes, tuple(pixel_values.shape[-2:]), pixel_values.device)
+
+    def _roi_pad_weight(self, image_sizes: torch.Tensor, rois) -> Optional[torch.Tensor]:
+        """``[R, 1, H, W]`` padding fraction of the ROI crops (their box parts outside the image)."""
+        B, r = rois.order.shape
+        images = torch.empty(B * r, dtype=torch.int64)
+        images[rois.order.flatten().cpu()] = torch.arange(B).repeat_interleave(r)  # each crop's image
+        return roi_pad_weights(check_image_sizes(image_sizes, B), rois.boxes.cpu(), images,
+                               tuple(rois.pixel_values.shape[-2:]), rois.pixel_values.device)
+
+    def _encode(self, pixel_values: torch.Tensor, pad_weight: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        inputs = self.encoder_inputs(pixel_values, pad_weight)
         grids = {}
         for name, enc in self.encoders.items():
             dtype = self._encoder_dtype(enc)
@@ -212,8 +249,15 @@ class MultiEncoderTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, return_dict: bool = False,
                 roi_pixel_values: Optional[torch.Tensor] = None, roi_boxes: Optional[torch.Tensor] = None,
-                roi_image_index: Optional[torch.Tensor] = None) -> Union[torch.Tensor, TowerOutput]:
+                roi_image_index: Optional[torch.Tensor] = None, image_sizes: Optional[torch.Tensor] = None,
+                ) -> Union[torch.Tensor, TowerOutput]:
         """``pixel_values [B, 3, H, W]`` -> tokens ``[B, N, D]`` (or a :class:`TowerOutput`).
+
+        ``image_sizes [B, 2]``: each original image's ``(height, width)``, as the image
+        processor returns it. In ``pad`` mode it tells each encoder where the padding is, so
+        that each is letterboxed with its own colour (``processor.pad_color``, see
+        :mod:`fusion.letterbox`); without it every encoder sees ``pixel_values``' padding
+        (the first encoder's mean colour). Other modes ignore it.
 
         ROI crops (Chain-of-Spot, :mod:`fusion.roi`): ``roi_pixel_values [R, 3, S, S]``,
         ``roi_boxes [R, 4]`` and ``roi_image_index [R]`` as returned by
@@ -225,14 +269,17 @@ class MultiEncoderTower(nn.Module):
         pixel_values = self._check_pixels(pixel_values)
         B = pixel_values.shape[0]
         rois = check_roi_inputs(roi_pixel_values, roi_boxes, roi_image_index, B, self.device)
+        weight = self._pad_weight(image_sizes, pixel_values)
+        roi_weight = None if rois is None or weight is None else self._roi_pad_weight(image_sizes, rois)
         if rois is None:
-            grids, roi_grids = self.encode(pixel_values), None
+            grids, roi_grids = self._encode(pixel_values, weight), None
         elif rois.pixel_values.shape[2:] == pixel_values.shape[2:]:  # one encoder batch for images and crops
-            both = self.encode(torch.cat([pixel_values, rois.pixel_values]))
+            both = self._encode(torch.cat([pixel_values, rois.pixel_values]), _cat_weights(
+                weight, roi_weight, (B, rois.pixel_values.shape[0]), pixel_values))
             grids = {name: g[:B] for name, g in both.items()}
             roi_grids = {name: g[B:] for name, g in both.items()}
         else:
-            grids, roi_grids = self.encode(pixel_values), self.encode(rois.pixel_values)
+            grids, roi_grids = self._encode(pixel_values, weight), self._encode(rois.pixel_values, roi_weight)
         merged = self.merge.sequence(grids, roi_grids, roi_boxes=None if rois is None else rois.boxes,
                                      roi_order=None if rois is None else rois.order)
         tokens = self.projector(merged.tokens)
@@ -291,6 +338,16 @@ class MultiEncoderTower(nn.Module):
         from .checkpoint import load_tower
 
         return load_tower(cls, directory, weights=weights)
+
+
+def _cat_weights(weight: Optional[torch.Tensor], roi_weight: Optional[torch.Tensor], counts: Tuple[int, int],
+                 pixel_values: torch.Tensor) -> Optional[torch.Tensor]:
+    """The pad weights of images and crops encoded as one batch (zeros for the side that has none)."""
+    if weight is None and roi_weight is None:
+        return None
+    frame = (1, *pixel_values.shape[-2:])
+    parts = [w if w is not None else pixel_values.new_zeros(n, *frame) for w, n in zip((weight, roi_weight), counts)]
+    return torch.cat(parts)
 
 
 def build_tower(source: ConfigSource, overrides: Overrides = None, weights: str = "pretrained",

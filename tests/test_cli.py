@@ -45,8 +45,8 @@ def test_extract_matches_tower_and_resumes(tmp_path, capsys):
     with torch.no_grad():
         for name in names:
             with Image.open(EXAMPLES / name) as im:
-                pv = tower.image_processor(im.convert("RGB"))["pixel_values"]
-            torch.testing.assert_close(feats[name], tower(pv)[0], atol=1e-5, rtol=1e-5)
+                batch = tower.image_processor(im.convert("RGB"))
+            torch.testing.assert_close(feats[name], tower(**batch)[0], atol=1e-5, rtol=1e-5)
     # a second run skips every completed shard and rewrites nothing
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
     assert main(args) == 0

@@ -235,9 +235,29 @@ def test_dinov2_attributes_from_timm_pretrained_cfg():
     assert (enc.resize, enc.interpolation, enc.grid) == ("squash", "bicubic", (3, 3))
 
 
-def test_dinov2_image_size_must_be_a_multiple_of_the_patch():
-    with pytest.raises(ValueError, match=r"encoders\.dino\.image_size: got 50.*multiple of its patch size 14"):
-        build(enc_cfg("dinov2", "vit_small_patch14_dinov2", name="dino", image_size=50, arch=DINO_ARCH))
+def test_dinov2_takes_any_size_timm_takes_and_drops_the_remainder_like_timm(tmp_path):
+    """50 px with 14-px patches: timm's strict patch embedding covers 3x3 patches (42 px) and never
+    reads the last 8 rows and columns (as Prismatic feeds DINO 384 px: 27x27, 6 px ignored)."""
+    ref = timm.create_model("vit_small_patch14_reg4_dinov2", img_size=50, **DINO_ARCH).eval()
+    path = tmp_path / "dino50.pth"
+    torch.save(ref.state_dict(), path)
+    enc = build(enc_cfg("dinov2", "vit_small_patch14_reg4_dinov2", name="dino", pretrained=str(path),
+                        image_size=50, layer=-2, arch=DINO_ARCH))
+    assert (enc.image_size, enc.grid) == (50, (3, 3))
+    x = torch.randn(2, 3, 50, 50)
+    edited = x.clone()
+    edited[:, :, 42:, :] = 7.0  # the pixels no patch covers
+    edited[:, :, :, 42:] = -7.0
+    with torch.no_grad():
+        out = enc(x)
+        check_close(out, timm_block_outputs(ref, x)[1])
+        assert torch.equal(enc(edited), out)
+        assert not torch.allclose(enc(x.flip(-1)), out, atol=1e-3)  # the covered pixels do matter
+
+
+def test_dinov2_image_size_needs_one_patch():
+    with pytest.raises(ValueError, match=r"encoders\.dino\.image_size: got 10.*at least one 14x14 patch"):
+        build(enc_cfg("dinov2", "vit_small_patch14_dinov2", name="dino", image_size=10, arch=DINO_ARCH))
 
 
 # ----------------------------------------------------------------------------- SAM

@@ -31,9 +31,9 @@ def cache_dir(tmp_path_factory):
     return out
 
 
-def _pixels(tower, name):
+def _batch(tower, name):
     with Image.open(EXAMPLES / name) as im:
-        return tower.image_processor(im.convert("RGB"))["pixel_values"]
+        return tower.image_processor(im.convert("RGB"))
 
 
 def test_cache_equals_outputs_from_images(tower, cache_dir):
@@ -42,10 +42,10 @@ def test_cache_equals_outputs_from_images(tower, cache_dir):
     assert list(cache.encoders) == list(tower.encoders)
     cache.check(tower)
     for name in NAMES:
-        pixels = _pixels(tower, name)
+        batch = _batch(tower, name)  # image_sizes: each encoder letterboxed with its own colour
         with torch.no_grad():
-            grids = tower.encode(pixels)
-            from_images = tower(pixels)
+            grids = tower.encode(batch["pixel_values"], image_sizes=batch["image_sizes"])
+            from_images = tower(**batch)
             from_cache = tower.merge_and_project(cache.grids([name]))
         cached = cache.grids([name])
         for enc, grid in grids.items():
@@ -74,9 +74,9 @@ def test_cache_serves_other_fusion_settings_but_not_other_encoders(cache_dir):
     # the grids are taken before the merge: another fusion grid reuses the cache
     other_grid = build_tower("tiny", weights="random", overrides=["fusion.grid=3"]).eval()
     cache.check(other_grid)
-    pixels = _pixels(other_grid, NAMES[0])
+    batch = _batch(other_grid, NAMES[0])
     with torch.no_grad():
-        torch.testing.assert_close(other_grid.merge_and_project(cache.grids(NAMES[:1])), other_grid(pixels),
+        torch.testing.assert_close(other_grid.merge_and_project(cache.grids(NAMES[:1])), other_grid(**batch),
                                    rtol=1e-6, atol=1e-6)
     fewer = build_tower("tiny", weights="random", overrides=["encoders.sam=null"])
     with pytest.raises(ValueError, match="differ from the cache"):

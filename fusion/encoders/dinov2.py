@@ -3,8 +3,11 @@
 ``timm.create_model(cfg.model, img_size=image_size, **arch)`` builds one of
 ``timm.list_models('*dinov2*')``; ``arch`` takes timm ``VisionTransformer`` constructor
 arguments (``depth``, ``embed_dim``, ``num_heads``, ``reg_tokens``, ...), so tests build
-a 2-block, 48-wide DINOv2 in milliseconds. ``image_size`` is any multiple of the patch
-size (default: the model's, 518 for DINOv2); position embeddings are resampled by timm.
+a 2-block, 48-wide DINOv2 in milliseconds. ``image_size`` is any square size timm
+builds (default: the model's, 518 for DINOv2), with timm's own edge behaviour: the
+stride-14 patch embedding covers ``image_size // 14`` patches per side and ignores the
+remaining pixels (384 px gives 27x27 and drops the last 6 rows and columns, as
+Prismatic's DINO-SigLIP does); position embeddings are resampled by timm.
 
 ``pretrained``: a timm tag (``lvd142m`` means ``<model>.lvd142m``), fetched by timm's
 own download cache; or a local file holding the timm model's state dict (timm's
@@ -71,11 +74,9 @@ class Dinov2Encoder(Encoder):
         embed = self.model.patch_embed
         self.patch_size = int(embed.patch_size[0])
         self.image_size = int(embed.img_size[0])
-        if embed.img_size[0] != embed.img_size[1] or self.image_size % self.patch_size:
-            lower = self.image_size // self.patch_size * self.patch_size
-            raise ValueError(f"{prefix}.image_size: got {self.image_size}; {cfg.model} takes square inputs whose side "
-                             f"is a multiple of its patch size {self.patch_size} (e.g. {lower} or "
-                             f"{lower + self.patch_size})")
+        if self.image_size < self.patch_size:
+            raise ValueError(f"{prefix}.image_size: got {self.image_size}; {cfg.model} needs at least one "
+                             f"{self.patch_size}x{self.patch_size} patch (image_size >= {self.patch_size})")
         if source.load_file:
             state = checkpoint_filter_fn(read_checkpoint(source.value, source.key), self.model)
             load_strict(self.model, state, source.key, source.value,
