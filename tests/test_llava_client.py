@@ -62,7 +62,7 @@ def _build(venv: Path) -> None:
     pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     _run(pip + list(PINS))
     _run(pip + ["--no-deps", LLAVA])
-    _run(pip + ["--no-deps", "--no-build-isolation", "-e", str(ROOT)])
+    _run(pip + ["--no-deps", "-e", str(ROOT)])
     site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip())
     arch = site / "llava" / "model" / "llava_arch.py"
     text = arch.read_text()
