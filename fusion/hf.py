@@ -64,6 +64,7 @@ LLaVA-NeXT (``LlavaNextForConditionalGeneration``) helpers are in :mod:`fusion.h
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -400,9 +401,13 @@ def register() -> None:
     """Register the classes with AutoConfig / AutoModel / AutoImageProcessor (done on import)."""
     AutoConfig.register(MODEL_TYPE, FusionVisionConfig, exist_ok=True)
     AutoModel.register(FusionVisionConfig, FusionVisionModel, exist_ok=True)
-    AutoImageProcessor.register(FusionVisionConfig, image_processor_classes={"torchvision": FusionImageProcessor,
-                                                                            "pil": FusionImageProcessor},
-                                exist_ok=True)
+    if "image_processor_classes" in inspect.signature(AutoImageProcessor.register).parameters:  # transformers >= 5.x
+        AutoImageProcessor.register(FusionVisionConfig, image_processor_classes={"torchvision": FusionImageProcessor,
+                                                                                "pil": FusionImageProcessor},
+                                    exist_ok=True)
+    else:  # the first 5.x releases: one "slow" (not torchvision-based) class
+        AutoImageProcessor.register(FusionVisionConfig, slow_image_processor_class=FusionImageProcessor,
+                                    exist_ok=True)
 
 
 register()

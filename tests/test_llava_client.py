@@ -12,9 +12,10 @@ code). In that environment's LLaVA it makes the README's one-line swap
 then runs ``tests/llava_client/llava_checks.py`` with pytest there.
 
 The environment is keyed by the pins, the Python version and this checkout's path; a
-later run reuses it (delete the folder to rebuild). Run it alone with::
+later run reuses it (delete the folder to rebuild). It is marked ``llava_client`` and left
+out of the default run (CI runs it as its own step); run it with::
 
-    python -m pytest -q tests/test_llava_client.py
+    python -m pytest -q -m llava_client tests/test_llava_client.py
 """
 import fcntl
 import hashlib
@@ -88,6 +89,7 @@ def client_python() -> Path:
     return venv / "bin" / "python"
 
 
+@pytest.mark.llava_client
 def test_llava_codebase_runs_fusion(tmp_path):
     python = client_python()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
