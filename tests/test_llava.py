@@ -149,6 +149,8 @@ def test_example_runs(capsys):
     text = capsys.readouterr().out
     assert "delay_load: is_loaded=False, parameters=0" in text
     assert "image features [4, 16, 128]" in text
+    assert "anyres: tiles of config.image_size=98 pixels (patch_size 24), 4x4 tokens per tile; image_grid_pinpoints " \
+           "for this tower: [[98, 196], [196, 98], [196, 196], [294, 98], [98, 294]]" in text
 
 
 def test_llava16_reads_image_size_and_patch_size_without_loading():
