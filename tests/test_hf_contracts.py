@@ -155,3 +155,16 @@ def test_no_split_modules_are_the_encoder_blocks(saved):
     for name, path in listed.items():
         blocks = tower.encoders[name].model.get_submodule(path)
         assert len(blocks) >= 2 and {type(b).__name__ for b in blocks} <= set(model._no_split_modules)
+
+
+def test_ignore_mismatched_sizes_takes_the_config_value(saved, tmp_path):
+    folder, _, _ = saved
+    out = tmp_path / "mismatched"
+    state = _rewrite_checkpoint(folder, out, keep=lambda k: True)
+    key = "vision_tower.tower.encoders.clip.model.conv1.weight"
+    state[key] = torch.ones(8, 3, 16, 16)  # another shape than the tiny CLIP's [64, 3, 16, 16]
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    loaded = LlavaForConditionalGeneration.from_pretrained(out, ignore_mismatched_sizes=True)
+    reference = build_tower(load_config("tiny", NO_PROJECTOR), weights="random", seed=SEED)
+    torch.testing.assert_close(loaded.model.vision_tower.tower.encoders["clip"].model.conv1.weight,
+                               reference.encoders["clip"].model.conv1.weight, rtol=0, atol=0)
