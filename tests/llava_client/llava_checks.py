@@ -314,7 +314,7 @@ def test_load_pretrained_model_after_save_pretrained(base_dir, tmp_path):
     assert out.shape == (1, 3) and (out[0, 1:] < len(tok2)).all()
 
 
-def test_reload_config_with_pinpoints_that_do_not_fit_the_tower(base_dir):
+def test_reload_config_with_pinpoints_that_do_not_fit_the_tower():
     config = SimpleNamespace(mm_vision_tower=TOWER, mm_patch_merge_type="spatial_unpad", image_aspect_ratio="anyres",
                              image_grid_pinpoints=LLAVA16_PINPOINTS)
     tower = llava_arch.build_vision_tower(config, delay_load=True)
