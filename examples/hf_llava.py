@@ -1,6 +1,8 @@
-"""The tower as the vision tower of transformers' ``LlavaForConditionalGeneration``.
+"""The tower as the vision tower of transformers' ``LlavaForConditionalGeneration`` (or, with
+``--next``, ``LlavaNextForConditionalGeneration``: LLaVA-1.6's anyres tiles).
 
     python examples/hf_llava.py                     # tiny tower + tiny random Llama, offline
+    python examples/hf_llava.py --next              # LLaVA-NeXT: the image in tiles of the tower's side
     python examples/hf_llava.py --tower vsre --weights pretrained
 
 With a real language model, take its tokenizer and ``LlamaConfig`` (or any text
@@ -16,7 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoProcessor, LlamaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+from transformers import (AutoProcessor, LlamaConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                          PreTrainedTokenizerFast)
 
 import fusion.hf as fhf  # registers "fusion_vision" with AutoConfig / AutoModel / AutoImageProcessor
 
@@ -42,15 +45,26 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tower", default="tiny")
     parser.add_argument("--weights", default="random", choices=("pretrained", "random"))
+    parser.add_argument("--next", action="store_true", help="LlavaNextForConditionalGeneration (anyres tiles)")
     args = parser.parse_args(argv)
 
     tokenizer = tiny_tokenizer()
     vision = fhf.FusionVisionConfig(tower=args.tower, weights=args.weights)
-    config = fhf.llava_config(vision, tiny_llama(len(WORDS)), image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
-    model = LlavaForConditionalGeneration(config).eval()
-    processor = fhf.llava_processor(tokenizer, model.config.vision_config)
-    print(f"tower: {vision.num_patches} image tokens x {vision.hidden_size} channels -> Llava's projector -> "
-          f"{config.text_config.hidden_size}")
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    if args.next:
+        config = fhf.llava_next_config(vision, tiny_llama(len(WORDS)), image_token_id=image_token_id)
+        model_class = LlavaNextForConditionalGeneration
+    else:
+        config = fhf.llava_config(vision, tiny_llama(len(WORDS)), image_token_id=image_token_id)
+        model_class = LlavaForConditionalGeneration
+    model = model_class(config).eval()
+    if args.next:
+        processor = fhf.llava_next_processor(tokenizer, model.config.vision_config, config.image_grid_pinpoints)
+        print(f"tiles of {vision.image_size} pixels, image_grid_pinpoints {config.image_grid_pinpoints}")
+    else:
+        processor = fhf.llava_processor(tokenizer, model.config.vision_config)
+    print(f"tower: {vision.num_patches} tokens per image (or tile) x {vision.hidden_size} channels -> "
+          f"{type(model).__name__}'s projector -> {config.text_config.hidden_size}")
 
     prompt = "USER : <image> what is in the picture ? ASSISTANT :"
     with Image.open(IMAGES / "house.jpg") as im:
@@ -65,7 +79,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        reloaded = LlavaForConditionalGeneration.from_pretrained(tmp).eval()
+        reloaded = model_class.from_pretrained(tmp).eval()
         reprocessor = AutoProcessor.from_pretrained(tmp)
         with torch.no_grad():
             again = reloaded(**inputs).logits

@@ -3,7 +3,8 @@
 In ``llava/model/llava_arch.py``::
 
     -from .multimodal_encoder.builder import build_vision_tower
-    +from fusion.llava import build_vision_tower
+    +from fusion.anyres import default_pinpoints
+from fusion.llava import build_vision_tower
 
 then train as usual with ``--vision_tower vsre`` (a preset), ``--vision_tower
 my_tower.yaml`` (a config file) or ``--vision_tower "vsre fusion.grid=16"`` (with
@@ -25,6 +26,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from fusion.anyres import default_pinpoints
 from fusion.llava import build_vision_tower
 
 IMAGES = Path(__file__).with_name("images")
@@ -85,6 +87,13 @@ def main(argv=None) -> None:
     with torch.no_grad():
         features = mm_projector(vision_tower(images))
     print(f"encode_images: pixel_values {list(images.shape)} -> image features {list(features.shape)}")
+
+    # 5. LLaVA-1.6 (image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad") reads the tile side
+    #    from vision_tower.config.image_size and lays each tile's tokens out as num_patches_per_side squared
+    side = vision_tower.config.image_size
+    print(f"anyres: tiles of config.image_size={side} pixels (patch_size {vision_tower.config.patch_size}), "
+          f"{vision_tower.num_patches_per_side}x{vision_tower.num_patches_per_side} tokens per tile; "
+          f"image_grid_pinpoints for this tower: {default_pinpoints(side)}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@
   ``BaseModelOutputWithPooling`` whose ``last_hidden_state`` is the tower's tokens
   ``[B, N, D]`` and whose ``hidden_states`` are the tower's (each encoder's grid
   flattened, then the fused tokens before the projector, then the tokens).
+  ``output_hidden_states`` may be an index or a list of indices (what Llava passes to
+  keep one layer): the tuple keeps its length, unselected entries are ``None``.
 - :class:`FusionImageProcessor` (``AutoImageProcessor``): the tower's own
   :class:`fusion.ImageProcessor` as a transformers image processor (``pixel_values``
   in [0, 1], not normalised: each encoder normalises its own input).
@@ -39,12 +41,30 @@ Llava projects them once. ``keep_projector=True`` keeps the tower's projector (t
 projectors in a row; only useful to reuse a projector trained with fusion alone).
 
 **Loading.** ``from_pretrained`` of a Llava model holding this tower needs ``import
-fusion.hf`` first (so ``AutoConfig`` knows ``"fusion_vision"``). The checkpoint holds
-every weight (frozen encoders included), so loading never downloads encoder weights.
+fusion.hf`` first (so ``AutoConfig`` knows ``"fusion_vision"``). A checkpoint saved with
+the tower holds every weight (frozen encoders included), so loading never downloads
+encoder weights. Tower weights a checkpoint lacks (a language-model checkpoint under a
+fusion Llava config, renamed keys, ``ignore_mismatched_sizes``) get what the config
+says: the encoders' ``pretrained`` sources, else the seeded random initialisation (see
+:mod:`fusion.hf_init`), never uninitialised memory.
+
+**transformers' contracts.** ``output_attentions=True`` is a ``ValueError``: the tower's
+encoders are separate networks whose attention maps have no common layout (read them
+from ``tower.encoders[name].model`` with the upstream library). The encoders always run
+their upstream attention, so the model declares no ``sdpa`` / ``flash_attention`` /
+``flex_attention`` support: a host model built with ``attn_implementation=None`` gives
+the tower ``"eager"`` (its own attention), and a language model that wants another one
+names it per sub-config, ``attn_implementation={"text_config": "sdpa", "vision_config":
+"eager"}``. ``_no_split_modules`` names the encoders' block classes, so
+``device_map="auto"`` never cuts a block across devices.
+
+LLaVA-NeXT (``LlavaNextForConditionalGeneration``) helpers are in :mod:`fusion.hf_llava`
+(re-exported here).
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -60,6 +80,8 @@ except ImportError as err:  # pragma: no cover - exercised only without transfor
     raise ImportError("fusion.hf needs transformers>=5: pip install 'fusion-tower[hf]'") from err
 
 from .config import TowerConfig, load_config, parse_config
+from .distributed import encoder_blocks
+from .hf_init import fill_unloaded
 from .preprocess import EncoderInputs, ImageProcessor
 from .stages import generate_stages  # noqa: F401  (fusion.hf.generate_stages: staged reasoning)
 from .tower import WEIGHT_MODES, MultiEncoderTower
@@ -95,7 +117,7 @@ class FusionVisionConfig(PretrainedConfig):
       :func:`fusion.load_config`); ``overrides``: dotted ``key=value`` strings or a dict.
     - ``weights``: ``"pretrained"`` (each encoder's ``pretrained`` source) or ``"random"``
       (seeded by ``seed``, no downloads). A model loaded with ``from_pretrained`` takes
-      every weight from the checkpoint whatever this says.
+      every weight the checkpoint holds from it; what it lacks comes from this.
     - ``keep_projector``: keep the tower's own projector (default False: the host
       model's projector, e.g. Llava's ``multi_modal_projector``, does the projection).
     - ``tower_config``: the resolved tower config as YAML text (filled in from the above
@@ -189,17 +211,17 @@ class FusionVisionModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = False
-    # The encoders use their upstream attention whatever the host model asks for, so any
-    # attention implementation requested for a whole Llava (its language model) is fine here.
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
+    # The encoders always run their upstream attention: no _supports_sdpa / _supports_flash_attn /
+    # _supports_flex_attn / _supports_attention_backend, so only "eager" (the tower's own) is declared.
 
     def __init__(self, config: FusionVisionConfig):
         super().__init__(config)
+        self._fill_unloaded = _building_under_meta()  # from_pretrained: fill what the checkpoint lacks
         self.tower = self._build_tower(config)
         config.set_geometry(self.tower)
+        # device_map="auto" must not cut an encoder block across devices
+        self._no_split_modules = sorted({type(block).__name__ for enc in self.tower.encoders.values()
+                                         for block in encoder_blocks(enc)})
         self.post_init()
 
     @staticmethod
@@ -207,9 +229,9 @@ class FusionVisionModel(PreTrainedModel):
         tower_config = config.tower_config_object()
         if not _building_under_meta():
             return MultiEncoderTower(tower_config, weights=config.weights, seed=config.seed)
-        # from_pretrained: every weight comes from the checkpoint, so build on the CPU
-        # (the upstream builders cannot build on "meta") without initialising or
-        # downloading anything; transformers then loads the checkpoint into it.
+        # from_pretrained: build on the CPU (the upstream builders cannot build on "meta")
+        # without initialising or downloading anything; transformers then loads the
+        # checkpoint into it, and _initialize_weights fills what the checkpoint lacked.
         from transformers.initialization import no_init_weights
 
         with torch.device("cpu"), no_init_weights():
@@ -217,20 +239,32 @@ class FusionVisionModel(PreTrainedModel):
         tower.weights = config.weights  # what the loaded weights are (tower.save_pretrained records it)
         return tower
 
+    def get_correct_attn_implementation(self, requested_attention: Optional[str], is_init_check: bool = False) -> str:
+        """``"eager"``: the encoders run their own (upstream) attention; anything else is refused."""
+        if requested_attention not in (None, "eager"):
+            raise ValueError(f"attn_implementation: FusionVisionModel runs each encoder's own (upstream) attention "
+                             f"and cannot switch to {requested_attention!r}; accepted: 'eager'. For a language model "
+                             f"beside it, name it per sub-config: attn_implementation={{'text_config': "
+                             f"{requested_attention!r}, 'vision_config': 'eager'}}")
+        return "eager"
+
     def _init_weights(self, module):
         """Nothing: the tower initialises its own weights (upstream init or pretrained files)."""
 
     @torch.no_grad()
     def _initialize_weights(self, module, is_custom_code: bool = False):
         """transformers calls this on every submodule after building the model and after
-        loading a checkpoint. The weights are the tower's own (never re-initialised);
-        what a checkpoint load breaks is repaired here: the non-persistent normalisation
-        constants (left uninitialised by a meta-device load) are re-created, and frozen
-        encoders, whose parameters the loader re-creates with ``requires_grad=True``,
-        are frozen again."""
+        loading a checkpoint. A built tower's weights are its own (never re-initialised);
+        after a load, every tensor the checkpoint did not hold gets its config value
+        (:func:`fusion.hf_init.fill_unloaded`), the normalisation constants are re-created,
+        and frozen encoders, whose parameters the loader re-creates with
+        ``requires_grad=True``, are frozen again."""
         if isinstance(module, EncoderInputs):
             module._set_stats(module.mean_0.device)
         elif isinstance(module, MultiEncoderTower):
+            if self._fill_unloaded:
+                fill_unloaded(module, self.config.weights, self.config.seed)
+                self._fill_unloaded = False
             for enc in module.encoders.values():
                 if enc.frozen:
                     enc.requires_grad_(False)
@@ -248,24 +282,52 @@ class FusionVisionModel(PreTrainedModel):
         return FusionImageProcessor.from_tower(self.tower)
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: Any = None,
-                return_dict: Optional[bool] = None, **kwargs) -> Union[BaseModelOutputWithPooling, Tuple]:
+                output_attentions: Optional[bool] = None, return_dict: Optional[bool] = None,
+                **kwargs) -> Union[BaseModelOutputWithPooling, Tuple]:
         """``pixel_values [B, 3, S, S]`` in [0, 1] -> ``last_hidden_state [B, N, D]``.
 
-        ``output_hidden_states``: anything but None/False returns ``hidden_states`` (Llava
-        passes the layer index it will read). ``pooler_output`` is the token mean ``[B, D]``.
-        Extra keyword arguments from host models (attention settings, ...) are ignored.
+        ``output_hidden_states``: ``True`` returns every hidden state; an index or a list
+        of indices (Llava passes the layer it will read) keeps only those (the others are
+        ``None``, so the indices still select them). ``output_attentions=True`` is a
+        ``ValueError`` (see the module docstring). ``pooler_output`` is the token mean
+        ``[B, D]``. Other keyword arguments from host models are ignored.
         """
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if output_attentions:
+            raise ValueError("output_attentions: a multi-encoder tower returns no attention maps (its encoders are "
+                             "separate networks with no common layout); pass output_attentions=False, or read an "
+                             "encoder's attention from tower.encoders[name].model with its upstream library")
         if return_dict is None:
             return_dict = self.config.return_dict
         out = self.tower(pixel_values, return_dict=True)
-        want_hidden = output_hidden_states is not None and output_hidden_states is not False
-        hidden = out.hidden_states if want_hidden else None
+        hidden = select_hidden_states(out.hidden_states, output_hidden_states)
         pooled = out.tokens.mean(dim=1)
         if not return_dict:
             return tuple(v for v in (out.tokens, pooled, hidden) if v is not None)
         return BaseModelOutputWithPooling(last_hidden_state=out.tokens, pooler_output=pooled, hidden_states=hidden)
+
+
+def select_hidden_states(hidden: Tuple[torch.Tensor, ...], selection: Any) -> Optional[Tuple]:
+    """``hidden`` as ``output_hidden_states`` asks: None/False -> None, True -> all, an index or a
+    list of indices -> a tuple of the same length holding only those (``None`` elsewhere)."""
+    if selection is None or selection is False:
+        return None
+    if selection is True:
+        return hidden
+    indices = [selection] if isinstance(selection, int) else selection
+    n = len(hidden)
+    if not isinstance(indices, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                          for i in indices):
+        raise TypeError(f"output_hidden_states: expected a bool, an index or a list of indices, got {selection!r}")
+    bad = [i for i in indices if not -n <= i < n]
+    if bad:
+        raise ValueError(f"output_hidden_states: {bad} out of range; the tower has {n} hidden states (each "
+                         f"encoder's grid, the fused tokens, the tokens): indices -{n}..{n - 1}")
+    keep = {i % n for i in indices}
+    return tuple(h if i in keep else None for i, h in enumerate(hidden))
 
 
 class FusionImageProcessor(BaseImageProcessor):
@@ -333,50 +395,6 @@ class FusionImageProcessor(BaseImageProcessor):
 _IGNORED_KWARGS = {"device", "input_data_format", "data_format", "do_convert_rgb"}
 
 
-# ----------------------------------------------------------------------------- Llava helpers
-
-
-def llava_config(vision_config: FusionVisionConfig, text_config, image_token_id: int, **kwargs):
-    """A ``transformers.LlavaConfig`` set up for the tower: ``vision_feature_layer=-1``,
-    ``vision_feature_select_strategy="full"``, ``image_seq_length = num_patches``.
-
-    ``kwargs`` go to ``LlavaConfig`` (e.g. ``projector_hidden_act``); the three settings
-    above cannot be overridden, because any other value feeds Llava the wrong tokens.
-    """
-    from transformers import LlavaConfig
-
-    if not isinstance(vision_config, FusionVisionConfig):
-        raise TypeError(f"vision_config: expected a FusionVisionConfig, got {type(vision_config).__name__}")
-    vision_config.resolve_geometry()
-    fixed = {"vision_feature_layer": -1, "vision_feature_select_strategy": "full",
-             "image_seq_length": vision_config.num_patches}
-    for key, value in fixed.items():
-        if key in kwargs and kwargs[key] != value:
-            raise ValueError(f"{key}: the fused tokens need {key}={value!r} (got {kwargs[key]!r}); the tower's "
-                             f"{vision_config.num_patches} tokens are hidden_states[-1] and have no CLS token "
-                             f"to drop")
-        kwargs.pop(key, None)
-    return LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,
-                       **fixed, **kwargs)
-
-
-def llava_processor(tokenizer, vision_config: FusionVisionConfig, image_token: str = "<image>",
-                    chat_template: Optional[str] = None, image_processor: Optional[FusionImageProcessor] = None):
-    """A ``transformers.LlavaProcessor`` whose image-token count per image is the tower's
-    ``num_patches`` (``image_token`` must be a token of ``tokenizer``)."""
-    from transformers import LlavaProcessor
-
-    vision_config.resolve_geometry()
-    if image_processor is None:
-        image_processor = FusionImageProcessor.from_vision_config(vision_config)
-    if image_processor.image_size != vision_config.image_size:
-        raise ValueError(f"image_processor.image_size: {image_processor.image_size} differs from the tower's "
-                         f"image_size {vision_config.image_size}")
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
-                          vision_feature_select_strategy="full", image_token=image_token, chat_template=chat_template,
-                          num_additional_image_tokens=vision_config.num_additional_image_tokens)
-
-
 # ----------------------------------------------------------------------------- registration
 
 
@@ -384,12 +402,29 @@ def register() -> None:
     """Register the classes with AutoConfig / AutoModel / AutoImageProcessor (done on import)."""
     AutoConfig.register(MODEL_TYPE, FusionVisionConfig, exist_ok=True)
     AutoModel.register(FusionVisionConfig, FusionVisionModel, exist_ok=True)
-    AutoImageProcessor.register(FusionVisionConfig, image_processor_classes={"torchvision": FusionImageProcessor,
-                                                                            "pil": FusionImageProcessor},
-                                exist_ok=True)
+    if "image_processor_classes" in inspect.signature(AutoImageProcessor.register).parameters:  # transformers >= 5.x
+        AutoImageProcessor.register(FusionVisionConfig, image_processor_classes={"torchvision": FusionImageProcessor,
+                                                                                "pil": FusionImageProcessor},
+                                    exist_ok=True)
+    else:  # the first 5.x releases: one "slow" (not torchvision-based) class
+        AutoImageProcessor.register(FusionVisionConfig, slow_image_processor_class=FusionImageProcessor,
+                                    exist_ok=True)
 
 
 register()
 
-__all__ = ["FusionImageProcessor", "FusionVisionConfig", "FusionVisionModel", "llava_config", "llava_processor",
-           "register"]
+# Llava / LlavaNext helpers live in fusion.hf_llava (it imports this module); re-exported lazily.
+_HF_LLAVA_NAMES = ("llava_config", "llava_processor", "llava_next_config", "llava_next_image_processor",
+                   "llava_next_processor")
+
+
+def __getattr__(name: str):
+    if name in _HF_LLAVA_NAMES:
+        from . import hf_llava
+
+        return getattr(hf_llava, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["FusionImageProcessor", "FusionVisionConfig", "FusionVisionModel", "register", "select_hidden_states",
+           *_HF_LLAVA_NAMES]

@@ -38,6 +38,16 @@ How LLaVA's arguments map:
 - ``delay_load=True``: only the config is read (the encoders are built by
   :meth:`FusionVisionTower.load_model`), as LLaVA does when it rebuilds a saved model.
   ``unfreeze_mm_vision_tower=True`` loads at once and unfreezes every encoder.
+- **LLaVA-1.6 (anyres).** ``config.image_size`` is the tower's input side ``S``
+  (``image_processor.crop_size``), the side of each anyres tile; ``config.patch_size`` is
+  ``S // num_patches_per_side`` (pixels per token side, CLIP's meaning);
+  ``num_patches_per_side`` is ``fusion.grid``. ``image_grid_pinpoints`` must be multiples
+  of ``S`` (:func:`fusion.anyres.default_pinpoints` gives LLaVA-1.6's layout for any
+  ``S``; with ``--vision_tower "vsre processor.size=336"`` LLaVA-1.6's shipped pinpoints
+  fit). ``mm_patch_merge_type`` ``spatial`` / ``spatial_unpad`` lay each tile's tokens out
+  as the ``g x g`` grid, so a tower whose token count is not ``g * g`` (``fusion.levels``,
+  ``fusion.reduce``, ``sequence_concat``) is refused when built for them, naming the keys
+  (``flat`` takes any count). See :mod:`fusion.anyres`.
 - **The projector.** LLaVA's ``mm_projector`` (``mlp2x_gelu``, from
   ``mm_hidden_size = tower.hidden_size``) is what LLaVA trains (stage 1 trains *only*
   it), so the tower's own projector is dropped (``projector.type: none``) unless
@@ -45,14 +55,16 @@ How LLaVA's arguments map:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import warnings
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from .anyres import check_token_grid, parse_pinpoints
 from .config import TowerConfig, load_config
 from .tower import MultiEncoderTower
 
@@ -99,6 +111,38 @@ def llava_tower_config(vision_tower: Any, select_layer: Optional[int] = None, un
     return load_config(config, changes)
 
 
+class Geometry(NamedTuple):
+    """What LLaVA asks a tower before and after loading: token width, tokens per image, input side ``S``."""
+
+    hidden_size: int
+    num_patches: int
+    image_size: int
+
+
+class LlavaTowerConfig(TowerConfig):
+    """``vision_tower.config`` as LLaVA reads it: the :class:`~fusion.TowerConfig` (every field,
+    equal to the plain config), plus CLIP's ``image_size`` (``S``: the side of the images, and
+    of each anyres tile, the tower takes) and ``patch_size`` (``S // num_patches_per_side``).
+    Both are computed on first use (before ``load_model`` that builds a random-weight probe)."""
+
+    def __init__(self, config: TowerConfig, geometry: Callable[[], Geometry]):
+        super().__init__(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TowerConfig)})
+        self._geometry = geometry
+
+    @property
+    def image_size(self) -> int:
+        return self._geometry().image_size
+
+    @property
+    def patch_size(self) -> int:
+        return max(1, self.image_size // self.fusion.grid)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, TowerConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None
+
+
 class FusionVisionTower(nn.Module):
     """LLaVA's ``CLIPVisionTower`` interface around a :class:`~fusion.MultiEncoderTower`."""
 
@@ -120,9 +164,16 @@ class FusionVisionTower(nn.Module):
         self.seed = seed
         # cfg_only, as in LLaVA: the config without the encoders (cheap: no model is built).
         self.cfg_only = llava_tower_config(vision_tower, self.select_layer, self.unfreeze, keep_projector)
+        merge_type = getattr(args, "mm_patch_merge_type", None) or "flat"
+        if merge_type.startswith("spatial"):
+            check_token_grid(self.cfg_only, f"mm_patch_merge_type={merge_type!r}")
+        # LLaVA-1.6 tiles (a saved config carries them; training sets them after building the tower)
+        self.grid_pinpoints = (getattr(args, "image_grid_pinpoints", None)
+                               if getattr(args, "image_aspect_ratio", None) == "anyres" else None)
         self.vision_tower: Optional[MultiEncoderTower] = None
         self.image_processor = None
-        self._geometry: Optional[Tuple[int, int]] = None  # (hidden_size, num_patches) before load_model
+        self._probe: Optional[Geometry] = None  # the geometry before load_model
+        self._llava_config = LlavaTowerConfig(self.cfg_only, self._sizes)
         if not delay_load or self.unfreeze:
             self.load_model()
 
@@ -137,6 +188,8 @@ class FusionVisionTower(nn.Module):
         device = _device_from_map(device_map)
         if device is not None:
             tower.to(device)
+        if self.grid_pinpoints is not None:
+            parse_pinpoints(self.grid_pinpoints, tower.image_processor.image_size)
         self.vision_tower = tower
         self.image_processor = tower.image_processor
         self.is_loaded = True
@@ -160,26 +213,28 @@ class FusionVisionTower(nn.Module):
     # ------------------------------------------------------------------ LLaVA's properties
 
     @property
-    def config(self) -> TowerConfig:
-        return self.vision_tower.config if self.is_loaded else self.cfg_only
+    def config(self) -> LlavaTowerConfig:
+        """The tower config with LLaVA's ``image_size`` and ``patch_size`` (see :class:`LlavaTowerConfig`)."""
+        return self._llava_config
 
-    def _sizes(self) -> Tuple[int, int]:
-        """``(hidden_size, num_patches)``; before load_model they come from a random-weight build
-        of the same config (made once and dropped, as LLaVA's ``cfg_only`` answers them unloaded)."""
+    def _sizes(self) -> Geometry:
+        """The tower's geometry; before load_model it comes from a random-weight build of the same
+        config (made once and dropped, as LLaVA's ``cfg_only`` answers it unloaded)."""
         if self.is_loaded:
-            return self.vision_tower.hidden_size, self.vision_tower.num_patches
-        if self._geometry is None:
+            tower = self.vision_tower
+            return Geometry(tower.hidden_size, tower.num_patches, tower.image_processor.image_size)
+        if self._probe is None:
             probe = MultiEncoderTower(self.cfg_only, weights="random", seed=self.seed)
-            self._geometry = (probe.hidden_size, probe.num_patches)
-        return self._geometry
+            self._probe = Geometry(probe.hidden_size, probe.num_patches, probe.image_processor.image_size)
+        return self._probe
 
     @property
     def hidden_size(self) -> int:
-        return self._sizes()[0]
+        return self._sizes().hidden_size
 
     @property
     def num_patches(self) -> int:
-        return self._sizes()[1]
+        return self._sizes().num_patches
 
     @property
     def num_patches_per_side(self) -> int:
@@ -228,4 +283,5 @@ def build_vision_tower(vision_tower_cfg: Any, **kwargs) -> FusionVisionTower:
     return FusionVisionTower(name, args=vision_tower_cfg, **kwargs)
 
 
-__all__ = ["FusionVisionTower", "build_vision_tower", "llava_tower_config", "parse_tower_name"]
+__all__ = ["FusionVisionTower", "Geometry", "LlavaTowerConfig", "build_vision_tower", "llava_tower_config",
+           "parse_tower_name"]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .boxes import BoxLike, tokens_in
-from .config import ConfigSource, Overrides, TowerConfig, load_config
+from .config import ConfigSource, EncoderConfig, Overrides, TowerConfig, load_config
 from .encoders.base import Encoder
 from .encoders.registry import get_encoder_class
 from .letterbox import check_image_sizes, choose_pad_colors, pad_weights, roi_pad_weights
@@ -76,6 +76,24 @@ def _encoder_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
+def build_encoder(name: str, cfg: EncoderConfig, load_weights: bool, seed: int) -> Encoder:
+    """Encoder ``name`` as :class:`MultiEncoderTower` builds it: its ``pretrained`` weights when
+    ``load_weights``, else the upstream initialisation seeded from ``seed`` and ``name``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_encoder_seed(seed, name))
+        return get_encoder_class(cfg.type, key=f"encoders.{name}.type")(cfg, load_weights)
+
+
+def build_merge_and_projector(encoders: Dict[str, Encoder], config: TowerConfig,
+                              seed: int) -> Tuple[FusionMerge, nn.Module]:
+    """The merge and the projector for ``encoders`` (name -> encoder, in channel order), seeded from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_encoder_seed(seed, "merge+projector"))
+        specs = [GridSpec(name, tuple(enc.grid), scaled_dim(enc)) for name, enc in encoders.items()]
+        merge = FusionMerge(specs, config.fusion)
+        return merge, build_projector(config.projector, merge.out_dim)
+
+
 class MultiEncoderTower(nn.Module):
     """Several vision encoders, merged and projected into one token sequence."""
 
@@ -91,18 +109,10 @@ class MultiEncoderTower(nn.Module):
         self.weights = weights
         self.seed = seed
         load_weights = weights == "pretrained"
-        encoders = {}
-        for name, enc_cfg in config.encoders.items():
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_encoder_seed(seed, name))
-                encoders[name] = get_encoder_class(enc_cfg.type, key=f"encoders.{name}.type")(enc_cfg, load_weights)
-        self.encoders = nn.ModuleDict(encoders)
+        self.encoders = nn.ModuleDict({name: build_encoder(name, enc_cfg, load_weights, seed)
+                                       for name, enc_cfg in config.encoders.items()})
         self._build_preprocessing(config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_encoder_seed(seed, "merge+projector"))
-            specs = [GridSpec(name, tuple(enc.grid), scaled_dim(enc)) for name, enc in self.encoders.items()]
-            self.merge = FusionMerge(specs, config.fusion)
-            self.projector = build_projector(config.projector, self.merge.out_dim)
+        self.merge, self.projector = build_merge_and_projector(self.encoders, config, seed)
         self.is_loaded = True
 
     def _build_preprocessing(self, config: TowerConfig) -> None:

@@ -1,66 +1,16 @@
 """fusion.hf with transformers' own Llava classes: a tiny random Llama, a tokenizer built
 offline, the tiny tower. Checked against the tower built directly from fusion."""
-import contextlib
-from pathlib import Path
-
 import pytest
 import torch
-from PIL import Image
 
 transformers = pytest.importorskip("transformers")
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoConfig,
-    AutoModel,
-    AutoProcessor,
-    LlamaConfig,
-    LlavaForConditionalGeneration,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoConfig, AutoModel, AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
 
 import fusion.hf as fhf  # noqa: E402
 from fusion import build_tower, load_config  # noqa: E402
 from fusion.preprocess import EncoderInputs  # noqa: E402
-
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
-
-WORDS = "<unk> <pad> <s> </s> <image> USER ASSISTANT : what is in the picture ? a house".split()
-PROMPT = "USER : <image> what is in the picture ? ASSISTANT :"
-NO_PROJECTOR = {"projector.type": "none", "projector.out_dim": None}
-
-
-def _tokenizer():
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
-
-
-def _text_config():
-    return LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                       pad_token_id=1, bos_token_id=2, eos_token_id=3)
-
-
-@contextlib.contextmanager
-def _language_model_inputs(model):
-    """Collect the ``inputs_embeds`` Llava hands its language model, one per call."""
-    seen = []
-
-    def grab(module, args, kwargs):
-        seen.append(kwargs["inputs_embeds"].detach().clone())
-
-    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
-def _image(name):
-    with Image.open(EXAMPLES / name) as im:
-        return im.convert("RGB")
+from hf_helpers import NO_PROJECTOR, PROMPT, WORDS, language_model_inputs as _language_model_inputs  # noqa: E402
+from hf_helpers import image as _image, text_config as _text_config, tokenizer as _tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -149,3 +149,50 @@ def test_example_runs(capsys):
     text = capsys.readouterr().out
     assert "delay_load: is_loaded=False, parameters=0" in text
     assert "image features [4, 16, 128]" in text
+    assert "anyres: tiles of config.image_size=98 pixels (patch_size 24), 4x4 tokens per tile; image_grid_pinpoints " \
+           "for this tower: [[98, 196], [196, 98], [196, 196], [294, 98], [98, 294]]" in text
+
+
+def test_llava16_reads_image_size_and_patch_size_without_loading():
+    # what LLaVA-1.6's prepare_inputs_labels_for_multimodal reads for anyres + spatial merges
+    args = _args(mm_patch_merge_type="spatial_unpad", image_aspect_ratio="anyres",
+                 image_grid_pinpoints="[(98, 196), (196, 98), (196, 196), (294, 98), (98, 294)]")  # as LLaVA stores it
+    tower = build_vision_tower(args, delay_load=True, weights="random")
+    assert tower.config.image_size == 98 and tower.config.patch_size == 24 and tower.num_patches_per_side == 4
+    assert isinstance(tower.config, TowerConfig) and tower.config == llava_tower_config("tiny", select_layer=-2)
+    assert tower.config.encoders["clip"].layer == -2 and not tower.is_loaded
+    tower.load_model()
+    assert tower.config.image_size == tower.image_processor.crop_size["height"] == 98
+    big = build_vision_tower(_args(mm_vision_tower="tiny processor.size=336"), delay_load=True)
+    assert big.config.image_size == 336 and big.config.patch_size == 84
+
+
+@pytest.mark.parametrize("override, key", [
+    ("fusion.levels=[2]", r"fusion\.levels=\[2\]"),
+    ("'fusion.reduce={keep: 8}'", r"fusion\.reduce \(keep=8\)"),
+    ("fusion.combine=sequence_concat fusion.width=32", r"fusion\.combine=sequence_concat"),
+])
+def test_spatial_merge_refuses_a_token_count_that_is_not_the_grid(override, key):
+    for merge_type in ("spatial", "spatial_unpad"):
+        with pytest.raises(ValueError, match=rf"mm_patch_merge_type='{merge_type}' lays each image's tokens out as "
+                                             rf"the tower's 4x4 grid, but \[.*{key}.*\] make the token count differ"):
+            build_vision_tower(_args(mm_vision_tower=f"tiny {override}", mm_patch_merge_type=merge_type,
+                                     image_aspect_ratio="anyres"), delay_load=True)
+    # flat takes any token count: LLaVA concatenates the tiles' tokens
+    flat = build_vision_tower(_args(mm_vision_tower=f"tiny {override}", mm_patch_merge_type="flat",
+                                    image_aspect_ratio="anyres"), delay_load=True)
+    assert flat.num_patches != 16
+
+
+def test_anyres_pinpoints_must_be_multiples_of_the_tile():
+    shipped = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-1.6's, for a 336 tower
+    tower = build_vision_tower(_args(image_aspect_ratio="anyres", image_grid_pinpoints=shipped), delay_load=True,
+                               weights="random")
+    with pytest.raises(ValueError, match=r"image_grid_pinpoints: \[\[336, 672\], .*not positive multiples of the "
+                                         r"tower's tile size 98.*\[\[98, 196\], \[196, 98\]"):
+        tower.load_model()
+    fits = build_vision_tower(_args(mm_vision_tower="tiny processor.size=336", image_aspect_ratio="anyres",
+                                    image_grid_pinpoints=shipped), weights="random")
+    assert fits.is_loaded
+    with pytest.raises(ValueError, match="image_grid_pinpoints: expected a non-empty list"):
+        build_vision_tower(_args(image_aspect_ratio="anyres", image_grid_pinpoints="[336]"), weights="random")
