@@ -16,6 +16,7 @@ setup(
         "torchvision>=0.19",
         "timm>=1.0.9",
         "open-clip-torch>=2.26",
+        "huggingface_hub>=0.23",  # checkpoint caches: tags, hf:<repo>, fusion-tower download
         "segment-anything>=1.0",
         "triton>=3.0; platform_system == 'Linux'",
         "einops>=0.7",
@@ -28,7 +29,7 @@ setup(
     extras_require={
         # transformers in dev so CI runs tests/test_hf.py (it is skipped without it)
         "dev": ["pytest>=7.4", "hypothesis>=6.90", "transformers>=5.0"],
-        "hf": ["transformers>=5.0"],  # fusion.hf: transformers 5's dataclass configs
+        "hf": ["transformers>=5.0"],  # fusion.hf; and config.json of Hugging Face checkpoints
         "bench": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["fusion-tower=fusion.cli:main"]},

@@ -47,22 +47,25 @@ def sha12(path):
 # ----------------------------------------------------------------------------- tags, bit for bit
 
 
-def test_llava15_by_tag_equals_llava15_from_a_local_file_bit_for_bit(tmp_path, monkeypatch):
+@pytest.mark.parametrize("overrides", [LLAVA_SMALL, pytest.param({}, marks=pytest.mark.slow)], ids=["small", "full"])
+def test_llava15_by_tag_equals_llava15_from_a_local_file_bit_for_bit(tmp_path, monkeypatch, overrides):
     caches = isolated_caches(monkeypatch, tmp_path)
     # the tag's architecture (the preset's: QuickGELU) with random weights ...
-    by_config = fusion.build_tower("llava15", LLAVA_SMALL, weights="random", seed=3)
+    by_config = fusion.build_tower("llava15", overrides, weights="random", seed=3)
     # ... written as the tag's file: the full open_clip state dict, as open_clip publishes it
-    vision_cfg = {**open_clip.get_model_config("ViT-L-14-336")["vision_cfg"], **LLAVA_SMALL["encoders.clip.arch.vision_cfg"]}
-    full = open_clip.create_model("ViT-L-14-336", force_quick_gelu=True, embed_dim=16, text_cfg=TEXT,
-                                  vision_cfg=vision_cfg)
+    small = {"embed_dim": 16, "text_cfg": TEXT} if overrides else {}
+    vision_cfg = {**open_clip.get_model_config("ViT-L-14-336")["vision_cfg"],
+                  **overrides.get("encoders.clip.arch.vision_cfg", {})}
+    full = open_clip.create_model("ViT-L-14-336", force_quick_gelu=True, vision_cfg=vision_cfg, **small)
     full.visual.load_state_dict(by_config.encoders["clip"].model.state_dict())
     file = tmp_path / "clip.safetensors"
     save_file(full.state_dict(), str(file))
     cached = put_in_hub_cache(caches["hf"], "timm/vit_large_patch14_clip_336.openai", "open_clip_model.safetensors",
                               file)
 
-    by_tag = fusion.build_tower("llava15", LLAVA_SMALL)  # weights="pretrained": openai, from open_clip's cache
-    from_file = fusion.build_tower("llava15", {**LLAVA_SMALL, "encoders.clip.pretrained": str(file)})
+    del full
+    by_tag = fusion.build_tower("llava15", overrides)  # weights="pretrained": openai, from open_clip's cache (offline)
+    from_file = fusion.build_tower("llava15", {**overrides, "encoders.clip.pretrained": str(file)})
     pixels = torch.rand(2, 3, 336, 336)
     with torch.no_grad():
         tokens = by_tag(pixels)
@@ -70,13 +73,13 @@ def test_llava15_by_tag_equals_llava15_from_a_local_file_bit_for_bit(tmp_path, m
     for tower in (by_tag, from_file):  # the preset's QuickGELU whatever the source (the bug of issue 11)
         assert isinstance(tower.encoders["clip"].model.transformer.resblocks[0].mlp.gelu, open_clip.model.QuickGELU)
     # open_clip's own tag loader, on the same cache, loads the same tensors
-    ref = open_clip.create_model("ViT-L-14-336", pretrained="openai", force_quick_gelu=True, embed_dim=16,
-                                 text_cfg=TEXT, vision_cfg=vision_cfg)
+    del from_file, by_config
+    ref = open_clip.create_model("ViT-L-14-336", pretrained="openai", force_quick_gelu=True, vision_cfg=vision_cfg,
+                                 **small)
     assert states_equal(ref.visual.state_dict(), by_tag.encoders["clip"].model.state_dict())
     report = by_tag.weights_report()["clip"]
     assert (report["source"], report["pretrained"], report["library"]) == ("tag", "openai", "open_clip")
     assert report["files"] == [str(cached)] and report["sha256"] == sha12(file)
-    assert from_file.weights_report()["clip"]["source"] == "file"
 
 
 def test_dinosiglip_tags_equal_local_files_and_the_upstream_loaders(tmp_path, monkeypatch):
@@ -306,6 +309,9 @@ def test_download_fills_the_upstream_caches_and_a_second_run_fetches_nothing(tmp
     assert main(["download", "vsre"]) == 0
     second = capsys.readouterr().out
     assert "0 downloaded, 4 already cached, 0 failed" in second and hub.served == 4
+    sam_path.write_bytes(b"tampered")  # a cached file with a published MD5 is checked
+    assert main(["download", "vsre"]) == 1
+    assert "does not have the MD5" in capsys.readouterr().err
 
 
 def test_download_of_an_hf_repo_and_of_local_and_random_sources(tmp_path, monkeypatch, capsys, sam_file):

@@ -102,6 +102,7 @@ def _clip_facts(enc: Any) -> Dict[str, Any]:
     import open_clip
 
     visual = enc.model
+    _require(enc, hasattr(visual, "transformer"), "an open_clip VisionTransformer (CLIP)")
     block = visual.transformer.resblocks[0]
     return dict(hidden_size=visual.transformer.width, num_hidden_layers=len(visual.transformer.resblocks),
                 num_attention_heads=block.attn.num_heads, intermediate_size=block.mlp.c_fc.out_features,
@@ -160,6 +161,7 @@ def _siglip_convert(t: KeyTaker, c: Any, visual: nn.Module) -> State:
 def _siglip_facts(enc: Any) -> Dict[str, Any]:
     import open_clip
 
+    _require(enc, hasattr(enc.model, "trunk") and hasattr(enc.model.trunk, "blocks"), "an open_clip timm ViT trunk")
     trunk = enc.model.trunk
     block = trunk.blocks[0]
     return dict(hidden_size=trunk.embed_dim, num_hidden_layers=len(trunk.blocks),
@@ -297,6 +299,12 @@ SAM = HFFamily(
 )
 
 FAMILIES: Dict[str, HFFamily] = {"clip": CLIP, "siglip": SIGLIP, "dinov2": DINOV2, "sam": SAM}
+
+
+def _require(enc: Any, ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(f"encoders.{enc.name}.pretrained: a Hugging Face {enc.encoder_type} checkpoint loads into "
+                         f"{what}; {enc.cfg.model!r} builds a {type(enc.model).__name__}")
 
 
 def _native(size: Any) -> int:

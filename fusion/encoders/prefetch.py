@@ -4,7 +4,8 @@ Nothing is built: each encoder's ``pretrained`` is resolved as the adapter would
 it, and a tag's file (open_clip / timm: Hugging Face hub cache; SAM: PyTorch's hub cache)
 or an ``hf:<repo>`` folder is fetched with the same functions the adapters use
 (:mod:`.fetch`). A login node with network fills the caches; offline compute nodes then
-read them (``HF_HUB_OFFLINE=1``). A second run finds every file cached and fetches nothing.
+read them (``HF_HUB_OFFLINE=1``). A second run finds every file cached and fetches nothing
+(a cached file with a published MD5, SAM's, is checked against it).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import List, Optional
 from ..config import EncoderConfig
 from .fetch import fetch, hf_repo_folder
 from .registry import get_encoder_class
-from .sources import resolve_pretrained
+from .sources import file_md5, resolve_pretrained
 
 
 @dataclass
@@ -40,7 +41,11 @@ def prefetch(cfg: EncoderConfig) -> Prefetched:
         if source.kind == "random":
             return Prefetched(cfg.name, text, "random", [], detail="random weights: nothing to fetch")
         if source.kind == "tag":
-            path, downloaded = fetch(cls.tag_checkpoint(cfg, source.value), source.key)
+            remote = cls.tag_checkpoint(cfg, source.value)
+            path, downloaded = fetch(remote, source.key)
+            if remote.md5 and not downloaded and file_md5(path) != remote.md5:  # a download is checked as it lands
+                raise ValueError(f"{source.key}: the cached {path!r} does not have the MD5 {remote.md5} of the "
+                                 f"{remote.what}; delete it and run fusion-tower download again")
             return _done(cfg.name, text, "downloaded" if downloaded else "cached", [path])
         if source.repo:
             folder, files, downloaded = hf_repo_folder(source.repo, source.key)
