@@ -23,6 +23,9 @@ setup(
         # open_clip's VisionTransformer.forward_intermediates is absent up to 2.31.
         "timm>=1.0.17",
         "open-clip-torch>=3.0",
+        # huggingface_hub>=1.5: checkpoint caches (tags, hf:<repo>, fusion-tower download); the
+        # oldest release transformers 5.4 accepts, so CI tests both bounds together
+        "huggingface_hub>=1.5",
         "segment-anything>=1.0",
         "triton>=3.0; platform_system == 'Linux'",
         "einops>=0.7",
@@ -37,7 +40,7 @@ setup(
         # transformers>=5.4: AutoImageProcessor.register(image_processor_classes=...) (fusion.hf);
         # 5.0-5.3 lack it.
         "dev": ["pytest>=7.4", "hypothesis>=6.90", "transformers>=5.4"],
-        "hf": ["transformers>=5.4"],
+        "hf": ["transformers>=5.4"],  # fusion.hf; config.json of Hugging Face checkpoints
         "bench": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["fusion-tower=fusion.cli:main"]},

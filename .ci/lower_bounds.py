@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 # The libraries fusion reads beyond their most stable API (see tests/test_upstream_surfaces.py).
-TESTED_AT_LOWER_BOUND = ("open-clip-torch", "timm", "transformers")
+TESTED_AT_LOWER_BOUND = ("open-clip-torch", "timm", "transformers", "huggingface_hub")
 
 
 def requirements(setup_py: Path):

@@ -1,7 +1,11 @@
 """The ``fusion-tower`` command (also ``python -m fusion``).
 
-- ``fusion-tower info SOURCE [key=value ...] [--weights random]``: a table per encoder
-  and the fused token count and width.
+- ``fusion-tower info SOURCE [key=value ...] [--weights random]``: a table per encoder,
+  where each encoder's weights came from (tag / file / Hugging Face folder and path, or
+  random with the seed; the checkpoint's sha256 prefix), the fused token count and width.
+- ``fusion-tower download SOURCE [key=value ...]``: fetch every checkpoint the config
+  names into the upstream caches (open_clip / timm / Hugging Face hub / PyTorch hub) and
+  print where each went and its size; a second run finds them cached.
 - ``fusion-tower extract SOURCE --images PATHS --out DIR [--weights random]
   [--batch-size N] [--seed S] [--cache-encoders] [key=value ...]``: fused tokens as
   safetensors shards (and, with ``--cache-encoders``, each encoder's grid). Under
@@ -47,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--barrier-timeout", type=float, default=24.0, metavar="HOURS",
                      help="under torchrun: how long rank 0 waits for the other ranks before writing "
                           "manifest.json (default 24)")
+    down = sub.add_parser("download", help="fetch every checkpoint a config needs into the upstream caches")
+    down.add_argument("source", help="preset name (see `fusion-tower presets`), .yaml/.json file")
+    down.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     sub.add_parser("presets", help="list the shipped presets")
     _add_show_parser(sub)
     return parser
@@ -60,17 +67,46 @@ def _build(args):
 
 
 def cmd_info(args) -> int:
+    from .encoders.sources import describe
+
     tower = _build(args)
-    rows = [("encoder", "upstream", "input", "grid", "channels", "params", "layer", "frozen")]
+    report = tower.weights_report()
+    rows = [("encoder", "upstream", "weights", "input", "grid", "channels", "params", "layer", "frozen")]
     for name, enc in tower.encoders.items():
-        rows.append((name, enc.upstream_name(), f"{enc.image_size}px", f"{enc.grid[0]}x{enc.grid[1]}",
-                     str(enc.dim), f"{enc.num_parameters() / 1e6:.2f}M", str(enc.layer), str(enc.frozen)))
+        rows.append((name, enc.upstream_name(), report[name]["source"], f"{enc.image_size}px",
+                     f"{enc.grid[0]}x{enc.grid[1]}", str(enc.dim), f"{enc.num_parameters() / 1e6:.2f}M",
+                     str(enc.layer), str(enc.frozen)))
     print(_table(rows))
+    print("\nweights:")
+    for name, entry in report.items():
+        print(f"  {name}: {describe(entry)}")
+        for note in entry.get("notes", []):
+            print(f"    {note}")
     fusion = tower.config.fusion
     print(f"\nfusion: grid {fusion.grid}x{fusion.grid}, {fusion.resample}, norm {fusion.norm}, {fusion.combine}")
     print(f"projector: {tower.config.projector.type}")
     print(f"tokens: {tower.num_patches} x {tower.hidden_size} (fused width {tower.merge.out_dim})")
     return 0
+
+
+def cmd_download(args) -> int:
+    """Fetch each encoder's checkpoint into its upstream cache; exit 1 if any could not be fetched."""
+    from .encoders.prefetch import prefetch
+
+    config = load_config(args.source, args.overrides)
+    results = [prefetch(enc) for enc in config.encoders.values()]
+    rows = [("encoder", "pretrained", "status", "size", "where")]
+    for r in results:
+        where = (r.paths[0] if len(r.paths) == 1 else f"{os.path.dirname(r.paths[0])} ({len(r.paths)} files)"
+                 if r.paths else "(see below)" if r.status == "error" else r.detail)
+        rows.append((r.encoder, r.source, r.status, f"{r.size / 2**20:.1f} MiB" if r.paths else "-", where))
+    print(_table(rows))
+    errors = [r for r in results if r.status == "error"]
+    for r in errors:
+        print(f"fusion-tower download: error: {r.detail}", file=sys.stderr)
+    fetched = sum(r.status == "downloaded" for r in results)
+    print(f"\n{fetched} downloaded, {sum(r.status == 'cached' for r in results)} already cached, {len(errors)} failed")
+    return 1 if errors else 0
 
 
 def cmd_extract(args) -> int:
@@ -90,6 +126,9 @@ def cmd_extract(args) -> int:
     images = collect_images(args.images)
     check_writable(Path(args.out))  # before loading the encoders: an unwritable --out fails at once
     tower = _build(args)
+    sources = tower.weights_report()  # where the weights came from: recorded, and a resume must match it
+    identity = {name: {k: e.get(k) for k in ("source", "pretrained", "sha256", "encoder_seed")}
+                for name, e in sources.items()}
     device = args.device
     if device is None:
         device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
@@ -101,7 +140,7 @@ def cmd_extract(args) -> int:
                                   progress=not args.no_progress and env.rank == 0,
                                   cache_encoders=args.cache_encoders,
                                   settings={"config": tower.config.to_dict(), "weights": args.weights,
-                                            "seed": args.seed})
+                                            "seed": args.seed, "weight_sources": identity})
         if env.distributed:
             print(f"rank {env.rank}/{env.world_size}: encoded {result.images} images into {len(result.written)} "
                   f"shards, {len(result.skipped_shards)} shards already done", file=sys.stderr)
@@ -109,7 +148,7 @@ def cmd_extract(args) -> int:
         if env.rank != 0:
             return 0
         info = {"source": str(args.source), "overrides": list(args.overrides), "weights": args.weights,
-                "seed": args.seed, "tokens": [tower.num_patches, tower.hidden_size]}
+                "seed": args.seed, "tokens": [tower.num_patches, tower.hidden_size], "weight_sources": sources}
         if args.cache_encoders:
             info["encoders"] = {s.name: [s.grid[0], s.grid[1], s.dim] for s in tower.merge.specs}
         manifest = write_manifest(args.out, info)
@@ -150,7 +189,8 @@ def _table(rows) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"info": cmd_info, "extract": cmd_extract, "presets": cmd_presets, "show": cmd_show}
+COMMANDS = {"info": cmd_info, "extract": cmd_extract, "download": cmd_download, "presets": cmd_presets,
+            "show": cmd_show}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -173,9 +213,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.rois = [r for r in rois if "=" not in r]
     if extra:
         args.overrides = list(getattr(args, "overrides", [])) + extra
+    from .encoders.sources import WeightsUnavailable
+
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, TypeError, OSError) as err:  # OSError: FileNotFoundError, unwritable --out, disk full
+    except (ValueError, TypeError, OSError, WeightsUnavailable) as err:  # OSError: unwritable --out, disk full
         print(f"fusion-tower {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -15,7 +15,7 @@ import contextlib
 import os
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -332,6 +332,22 @@ class MultiEncoderTower(nn.Module):
         from .distributed import fsdp_units
 
         return fsdp_units(self)
+
+    # ------------------------------------------------------------------ weights
+
+    def weights_report(self) -> Dict[str, Dict[str, Any]]:
+        """Where each encoder's weights came from, encoder name -> a JSON-able dict.
+
+        ``source`` is ``tag`` / ``file`` / ``hf`` (then ``pretrained``, ``library``, the
+        ``files`` read, for ``hf`` the ``folder``, ``sha256``: the first 12 hex digits of the
+        checkpoint's sha256, and ``notes``) or ``random`` (then ``seed`` and the
+        ``encoder_seed`` derived from it). ``save_pretrained`` and ``fusion-tower extract``
+        record it; ``fusion-tower info`` prints it.
+        """
+        from .encoders.sources import encoder_report
+
+        return {name: encoder_report(enc, self.weights, self.seed, _encoder_seed(self.seed, name))
+                for name, enc in self.encoders.items()}
 
     # ------------------------------------------------------------------ persistence
 

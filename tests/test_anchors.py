@@ -342,7 +342,7 @@ def llava_tower(tower, image):
 
 
 TINY_LLAVA15 = ["encoders.clip.image_size=64", "fusion.grid=4",
-                "encoders.clip.arch={embed_dim: 32, vision_cfg: {layers: 3, width: 64, head_width: 32, "
+                "encoders.clip.arch={quick_gelu: true, embed_dim: 32, vision_cfg: {layers: 3, width: 64, head_width: 32, "
                 f"patch_size: 16}}, text_cfg: {TEXT}}}"]
 
 

@@ -13,7 +13,7 @@ def test_presets_listed_and_vsre_shape():
     assert list(cfg.encoders) == ["clip", "siglip", "sam", "dino"]
     assert cfg.encoders["clip"].model == "ViT-L-14-336"
     assert cfg.encoders["clip"].layer == -2
-    assert cfg.encoders["sam"].pretrained is None
+    assert cfg.encoders["sam"].pretrained == "sa1b"
     assert cfg.encoders["dino"].image_size == 336
     assert cfg.encoders["dino"].freeze is True
     assert (cfg.fusion.grid, cfg.fusion.resample, cfg.fusion.norm) == (24, "area", "layernorm")

@@ -25,6 +25,7 @@ DINO_ARCH = dict(embed_dim=32, depth=3, num_heads=2)
 
 
 def enc_cfg(type_, model, name=None, **kw):
+    kw.setdefault("pretrained", "random")  # these tests build from random weights on purpose
     return EncoderConfig(name=name or type_, type=type_, model=model, **kw)
 
 
@@ -177,16 +178,20 @@ def test_clip_and_siglip_attributes():
     assert (clip.encoder_type, siglip.encoder_type) == ("clip", "siglip")
 
 
-def test_clip_tag_metadata_is_used_without_loading(monkeypatch):
+def test_clip_tag_must_agree_with_the_configured_architecture(monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("load_weights=False must not download")
 
-    monkeypatch.setattr(open_clip.factory, "download_pretrained", no_download)
-    enc = build(enc_cfg("clip", "ViT-B-16", pretrained="openai", image_size=64, arch=CLIP_ARCH), load_weights=False)
-    # OpenAI's weights were trained with QuickGELU: the tag's config says so, the adapter builds it so
+    monkeypatch.setattr("fusion.encoders.loading.fetch", no_download)
+    # OpenAI's weights were trained with QuickGELU: the config must say so; the tag never changes the network
+    with pytest.raises(ValueError, match=r"encoders\.clip\.arch\.quick_gelu: the open_clip tag 'openai' .*trained "
+                                         r"with quick_gelu=True, but the config builds quick_gelu=False"):
+        build(enc_cfg("clip", "ViT-B-16", pretrained="openai", image_size=64, arch=CLIP_ARCH), load_weights=False)
+    enc = build(enc_cfg("clip", "ViT-B-16", pretrained="openai", image_size=64, arch=dict(CLIP_ARCH, quick_gelu=True)),
+                load_weights=False)
     assert isinstance(enc.model.transformer.resblocks[0].mlp.gelu, open_clip.model.QuickGELU)
-    assert enc.pretrained_tag == "openai"
-    assert enc.upstream_name() == "open_clip:ViT-B-16 (openai config, random weights)"
+    assert enc.pretrained_tag == "openai" and enc.upstream_name() == "open_clip:ViT-B-16"
+    assert enc.loaded_weights.kind == "random"
     siglip = build(enc_cfg("siglip", "ViT-B-16-SigLIP", pretrained="webli", image_size=80, arch=SIGLIP_ARCH),
                    load_weights=False)
     assert siglip.mean == pytest.approx((0.5,) * 3)
@@ -294,8 +299,10 @@ def test_sam_supports_only_the_neck_output():
         build(enc_cfg("sam", "vit_b", layer=-2, image_size=96, arch=SAM_ARCH))
 
 
-def test_sam_tag_explains_that_a_local_file_is_needed():
-    with pytest.raises(ValueError, match=r"encoders\.sam\.pretrained: 'sa1b'.*sam_vit_b_01ec64\.pth"):
+def test_sam_tag_must_agree_with_the_configured_architecture():
+    with pytest.raises(ValueError, match=r"encoders\.sam\.pretrained: the SAM tag 'sa1b' of vit_b .*"
+                                         r"encoders\.sam\.image_size: config 96 vs checkpoint 1024;.*"
+                                         r"encoders\.sam\.arch\.embed_dim: config 32 vs checkpoint 768"):
         build(enc_cfg("sam", "vit_b", pretrained="sa1b", image_size=96, arch=SAM_ARCH))
 
 
@@ -363,7 +370,8 @@ def test_load_weights_false_never_touches_pretrained():
 
 
 @pytest.mark.parametrize("cfg, library", [
-    (enc_cfg("clip", "ViT-B-16", pretrained="openai", image_size=64, arch=CLIP_ARCH), "open_clip"),
+    (enc_cfg("clip", "ViT-B-16", pretrained="openai", image_size=64, arch=dict(CLIP_ARCH, quick_gelu=True)),
+     "open_clip"),
     (enc_cfg("dinov2", "vit_small_patch14_dinov2", name="dino", pretrained="lvd142m", image_size=56,
              arch=DINO_ARCH), "timm"),
 ], ids=["open_clip", "timm"])

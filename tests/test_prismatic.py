@@ -135,7 +135,7 @@ def test_errors_name_what_is_wrong(tower, tmp_path):
 
 
 def test_clip_encoders_are_not_timm_vits(tmp_path):
-    llava = build_tower("llava15", ["encoders.clip.image_size=32", "fusion.grid=2", "encoders.clip.arch={embed_dim: "
+    llava = build_tower("llava15", ["encoders.clip.image_size=32", "fusion.grid=2", "encoders.clip.arch={quick_gelu: true, embed_dim: "
                                     f"16, vision_cfg: {{layers: 2, width: 32, head_width: 16, patch_size: 16}}, "
                                     f"text_cfg: {TEXT}}}"], weights="random")
     path = save_prism(tmp_path / "clip.pt", vision={"featurizer": nn.Linear(2, 2)})

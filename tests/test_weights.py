@@ -144,17 +144,40 @@ def test_resolve_pretrained(tmp_path):
 
     file = tmp_path / "w.pt"
     torch.save(sample_state(), file)
-    assert resolve_pretrained(cfg(None), ["t"], True, "lib").kind == "none"
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert resolve_pretrained(cfg("random"), ["t"], True, "lib").kind == "random"
+    assert resolve_pretrained(cfg(None), ["t"], False, "lib").kind == "random"  # weights="random": fine
     tag = resolve_pretrained(cfg("t"), ["t"], True, "lib")
     assert (tag.kind, tag.load_tag, tag.load_file) == ("tag", True, False)
     local = resolve_pretrained(cfg(str(file)), ["t"], True, "lib")
     assert (local.kind, local.value, local.load_file) == ("file", str(file), True)
+    hf = resolve_pretrained(cfg(str(folder)), ["t"], True, "lib")
+    assert (hf.kind, hf.value, hf.repo, hf.load_hf) == ("hf", str(folder), None, True)
+    repo = resolve_pretrained(cfg("hf:openai/clip-vit-large-patch14-336"), ["t"], True, "lib")
+    assert (repo.kind, repo.repo) == ("hf", "openai/clip-vit-large-patch14-336")
+    with pytest.raises(ValueError, match=rf"{KEY}: 'hf:a/b/c' is not a Hugging Face repo reference; write hf:<org>/<name>"):
+        resolve_pretrained(cfg("hf:a/b/c"), ["t"], True, "lib")
+    (folder / "config.json").unlink()
+    with pytest.raises(ValueError, match=rf"{KEY}: the folder .* has no config\.json"):
+        resolve_pretrained(cfg(str(folder)), ["t"], True, "lib")
     with pytest.raises(ValueError, match=rf"{KEY}: the file '.*nope\.pt' does not exist"):
         resolve_pretrained(cfg(str(tmp_path / "nope.pt")), ["t"], True, "lib")
     with pytest.raises(ValueError, match=r"'lvd124m' is neither a known tag \(did you mean 'lvd142m'\?\).*\['lvd142m'\]"):
         resolve_pretrained(cfg("lvd124m"), ["lvd142m"], True, "lib")
     never = resolve_pretrained(cfg("/no/such.pt"), ["t"], False, "lib")  # load_weights=False: no checks
     assert not never.load_file and not never.load_tag
+
+
+def test_null_pretrained_under_pretrained_weights_is_an_error():
+    """Never random by surprise: null (or no key) must be spelled `random` to mean random weights."""
+    cfg = EncoderConfig(name="sam", type="sam", model="vit_b", pretrained=None)
+    with pytest.raises(ValueError) as info:
+        resolve_pretrained(cfg, ["sa1b"], True, "segment_anything")
+    msg = str(info.value)
+    assert msg.startswith("encoders.sam.pretrained: not set (null) while the tower loads pretrained weights")
+    assert "('sa1b')" in msg and "encoders.sam.pretrained: random" in msg and "--weights random" in msg
 
 
 @pytest.mark.parametrize("layer, index", [(-1, 11), (-2, 10), (-12, 0), (1, 0), (12, 11)])

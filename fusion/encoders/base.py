@@ -6,12 +6,16 @@ on the device according to the attributes below, then calls :meth:`Encoder.forwa
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..config import EncoderConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .fetch import Remote
+    from .sources import LoadedWeights
 
 
 class Encoder(nn.Module):
@@ -34,6 +38,12 @@ class Encoder(nn.Module):
     ``forward(pixels)`` takes normalised pixels ``[B, 3, image_size, image_size]`` and
     returns ``[B, h, w, C]``: prefix tokens (CLS, registers) removed, the configured
     layer selected through the upstream's public API.
+
+    Weights: ``loaded_weights`` (a :class:`fusion.encoders.sources.LoadedWeights`) says
+    where the weights came from, for ``tower.weights_report()``; ``None`` when the
+    adapter does not say. An adapter whose upstream has tags lists them in
+    :meth:`pretrained_tags` and says where each tag's file lives in
+    :meth:`tag_checkpoint`, so ``fusion-tower download`` can prefetch it.
     """
 
     encoder_type: str = ""
@@ -45,6 +55,7 @@ class Encoder(nn.Module):
     std: Tuple[float, float, float]
     resize: str = "squash"
     interpolation: str = "bicubic"
+    loaded_weights: Optional["LoadedWeights"] = None
 
     def __init__(self, cfg: EncoderConfig, load_weights: bool = True):
         super().__init__()
@@ -61,6 +72,16 @@ class Encoder(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def pretrained_tags(cls, cfg: EncoderConfig) -> Sequence[str]:
+        """The tags ``cfg.pretrained`` may name for ``cfg.model`` (none by default)."""
+        return ()
+
+    @classmethod
+    def tag_checkpoint(cls, cfg: EncoderConfig, tag: str) -> "Remote":
+        """Where the checkpoint file of ``tag`` lives (a :class:`fusion.encoders.fetch.Remote`)."""
+        raise ValueError(f"encoders.{cfg.name}.pretrained: {cls.__name__} has no tags (got {tag!r})")
 
     def upstream_name(self) -> str:
         """The upstream library and model name, for ``fusion-tower info``."""

@@ -15,10 +15,22 @@ and ``vision_cfg`` / ``text_cfg`` mappings merged into the named config's. For e
 built by open_clip and discarded; a tiny ``text_cfg`` keeps test builds fast.
 ``encoders.<name>.image_size`` (not ``vision_cfg.image_size``) sets the input size.
 
-``pretrained``: an open_clip tag for the model (``openai``, ``webli``, ...), loaded by
-open_clip's own ``create_model``; or a local file holding the full open_clip state dict of
-the model (``visual.*`` is loaded strictly, the text tower's keys are ignored); position
-embeddings are resampled by the upstream helpers when ``image_size`` differs from the file's.
+``arch`` also takes ``timm_act_layer`` (fusion's own key, for a timm trunk such as
+SigLIP's): the MLP activation of the trunk's blocks and pooling head (``gelu``,
+``gelu_tanh``, ``quick_gelu``, ``silu``). open_clip builds timm trunks with the timm
+model's default activation and has no argument for it, so the adapter sets the activation
+modules of the trunk it owns; Hugging Face SigLIP checkpoints use ``gelu_tanh``
+(``gelu_pytorch_tanh``), timm's ``vit_so400m_patch14_siglip_384`` plain ``gelu``.
+
+``pretrained`` (see :mod:`.sources`): an open_clip tag for the model (``openai``,
+``webli``, ...), whose file is fetched into open_clip's own cache (the Hugging Face hub
+cache, or ``~/.cache/clip``) and loaded like a local file; a local file holding the full
+open_clip state dict (``visual.*`` is loaded strictly, the text tower's keys are ignored);
+a Hugging Face CLIP / SigLIP checkpoint (:mod:`.hf_maps`); or ``random``. The
+architecture is the config's alone: a tag trained with QuickGELU (OpenAI's) needs
+``arch: {quick_gelu: true}`` in the config, and naming it without is an error. Position
+embeddings are resampled by the upstream helpers when ``image_size`` differs from the
+checkpoint's.
 
 ``forward`` returns the output of the selected block, before the final norm, prefix
 tokens removed: ``[B, h, w, width]``.
@@ -26,10 +38,12 @@ tokens removed: ``[B, h, w, width]``.
 from __future__ import annotations
 
 import inspect
-from dataclasses import fields
-from typing import Any, Dict, Mapping, Tuple
+import os
+from dataclasses import fields, replace
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import open_clip
+import timm
 import torch
 from open_clip.constants import INCEPTION_MEAN, INCEPTION_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, resize_pos_embed
@@ -40,7 +54,10 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from ..config import EncoderConfig
 from .base import Encoder
 from .registry import register_encoder
+from .fetch import Remote
+from .loading import locate, read_source
 from .weights import (
+    LoadedWeights,
     block_index,
     check_keys,
     check_pixels,
@@ -48,11 +65,9 @@ from .weights import (
     finalize,
     load_strict,
     param_dtype,
-    read_checkpoint,
     resolve_pretrained,
     take_prefix,
     unknown_model,
-    upstream_label,
 )
 
 # Constructor arguments of open_clip's model classes that arch may set (the rest are runtime options).
@@ -66,6 +81,12 @@ _NESTED_KEYS = {
     "text_cfg": {f.name for f in fields(CLIPTextCfg)},
 }
 _INTERPOLATIONS = ("bicubic", "bilinear")
+# fusion's own arch key for timm trunks (see the module docstring) and the activations it takes.
+TIMM_ACT_KEY = "timm_act_layer"
+TIMM_ACTS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
+# open_clip's default hub file name, and its safetensors twin (open_clip.pretrained prefers the latter).
+_OPEN_CLIP_HF_FILE = "open_clip_pytorch_model.bin"
+_OPEN_CLIP_HF_SAFE = "open_clip_model.safetensors"
 
 
 class OpenClipEncoder(Encoder):
@@ -80,6 +101,7 @@ class OpenClipEncoder(Encoder):
     default_mean: Tuple[float, float, float] = OPENAI_DATASET_MEAN
     default_std: Tuple[float, float, float] = OPENAI_DATASET_STD
     resize = "squash"
+    library = "open_clip"
 
     def __init__(self, cfg: EncoderConfig, load_weights: bool = True):
         super().__init__(cfg, load_weights)
@@ -87,20 +109,21 @@ class OpenClipEncoder(Encoder):
         base = open_clip.get_model_config(cfg.model) if cfg.model in open_clip.list_models() else None
         if base is None:
             raise unknown_model(f"{prefix}.model", cfg.model, open_clip.list_models(), "open_clip")
-        overrides = _arch_overrides(cfg.arch, base, f"{prefix}.arch")
-        source = resolve_pretrained(cfg, open_clip.list_pretrained_tags_by_model(cfg.model), load_weights, "open_clip")
+        overrides, act_layer = _arch_overrides(cfg.arch, base, f"{prefix}.arch")
+        source = resolve_pretrained(cfg, self.pretrained_tags(cfg), load_weights, self.library)
         tag_cfg = open_clip.get_pretrained_cfg(cfg.model, source.value) if source.kind == "tag" else {}
+        _check_tag_activation(cfg, base, overrides, tag_cfg, prefix)
         self.pretrained_tag = source.value if source.kind == "tag" else None
-        self.tag_weights_loaded = source.load_tag
+        path = locate(source, lambda: self.tag_checkpoint(cfg, source.value))  # fetched before building
 
-        clip_model = self._create(cfg, source, tag_cfg, overrides, prefix)
-        visual = clip_model.visual
-        self.image_size, self.patch_size, self.grid, self.dim, self.depth = _geometry(visual, cfg, prefix)
-        if source.load_file:
-            state = _fit_checkpoint(read_checkpoint(source.value, source.key), clip_model, source.key, source.value)
-            load_strict(visual, state, source.key, source.value,
-                        f"the full open_clip state dict of {cfg.model!r} with arch {cfg.arch or {}}")
-        self.model = visual  # the text tower and logit scale go with clip_model
+        clip_model = self._create(cfg, overrides, prefix)
+        self.model = clip_model.visual  # the text tower and logit scale go with clip_model
+        if act_layer is not None:
+            _set_trunk_act(self.model, act_layer, cfg, prefix)
+        self.image_size, self.patch_size, self.grid, self.dim, self.depth = _geometry(self.model, cfg, prefix)
+        self.loaded_weights = LoadedWeights("random", cfg.pretrained)
+        if path is not None:
+            self._load(source, path, clip_model)
         self.block = block_index(cfg.layer, self.depth, f"{prefix}.layer")
         self.mean = tuple(float(v) for v in tag_cfg.get("mean", self.default_mean))
         self.std = tuple(float(v) for v in tag_cfg.get("std", self.default_std))
@@ -109,24 +132,53 @@ class OpenClipEncoder(Encoder):
         finalize(self.model, cfg)
 
     @staticmethod
-    def _create(cfg: EncoderConfig, source, tag_cfg: Mapping[str, Any], overrides: Dict[str, Any], prefix: str):
-        """Build the whole open_clip model (downloading a tag's weights through open_clip)."""
+    def _create(cfg: EncoderConfig, overrides: Dict[str, Any], prefix: str):
+        """Build the whole open_clip model from the config alone (random init; never downloads)."""
         kwargs = dict(overrides)
         if cfg.image_size is not None:
             # force_image_size alone is lost when arch replaces vision_cfg; set both.
             kwargs["vision_cfg"] = {**kwargs.get("vision_cfg", open_clip.get_model_config(cfg.model)["vision_cfg"]),
                                     "image_size": cfg.image_size}
-        # A tag trained with QuickGELU (OpenAI's) says so in its config; arch's quick_gelu still wins.
-        kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
-        if cfg.image_size is not None:
             kwargs["force_image_size"] = cfg.image_size
-        pretrained = source.value if source.load_tag else None
-        return create_upstream(lambda: open_clip.create_model(cfg.model, pretrained=pretrained, **kwargs),
-                               cfg, source, prefix, "open_clip", f"open_clip weights {cfg.model!r} / {source.value!r}",
-                               f"the full open_clip state dict of {cfg.model!r}")
+        return create_upstream(lambda: open_clip.create_model(cfg.model, pretrained=None, **kwargs),
+                               cfg, prefix, "open_clip")
+
+    def _load(self, source, path: str, clip_model) -> None:
+        """Read ``source`` (tag, file or Hugging Face) from ``path``, fit it to the vision tower, load strictly."""
+        got = read_source(source, path, self.library, self, self.model)
+        visual = got.state if got.converted else _visual_state(got.state, source.key, got.path)
+        state, notes = _fit_checkpoint(visual, clip_model)
+        what = (f"the vision tower of {self.cfg.model!r} with arch {self.cfg.arch or {}}" if got.converted else
+                f"the full open_clip state dict of {self.cfg.model!r} with arch {self.cfg.arch or {}}")
+        load_strict(self.model, state, source.key, got.path, what)
+        self.loaded_weights = replace(got.loaded, notes=got.loaded.notes + notes)
+
+    @classmethod
+    def pretrained_tags(cls, cfg: EncoderConfig) -> Sequence[str]:
+        return open_clip.list_pretrained_tags_by_model(cfg.model) if cfg.model in open_clip.list_models() else ()
+
+    @classmethod
+    def tag_checkpoint(cls, cfg: EncoderConfig, tag: str) -> Remote:
+        """The file of open_clip tag ``tag``: on the Hugging Face hub (preferred, as open_clip
+        does; ``.safetensors`` first) or at a URL cached in ``~/.cache/clip``."""
+        pc = open_clip.get_pretrained_cfg(cfg.model, tag)
+        what = f"open_clip tag {tag!r} of {cfg.model}"
+        file_format = f"the full open_clip state dict of {cfg.model!r}"
+        if pc.get("hf_hub") and open_clip.pretrained.has_hf_hub():
+            repo, filename = os.path.split(pc["hf_hub"])  # 'org/name/' names the default file
+            filename = filename or _OPEN_CLIP_HF_FILE
+            safe = (_OPEN_CLIP_HF_SAFE,) if filename == _OPEN_CLIP_HF_FILE else (
+                (os.path.splitext(filename)[0] + ".safetensors",) if filename.endswith((".bin", ".pth")) else ())
+            return Remote("open_clip", what, file_format, hf_repo=repo, hf_files=(*safe, filename))
+        url = pc.get("url", "")
+        if not url:
+            raise ValueError(f"encoders.{cfg.name}.pretrained: open_clip gives no download location for {what}")
+        cache = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        return Remote("open_clip", what, file_format, url=url, cache_file=cache,
+                      download=lambda: open_clip.pretrained.download_pretrained_from_url(url))
 
     def upstream_name(self) -> str:
-        return upstream_label("open_clip", self.cfg.model, self.pretrained_tag, self.tag_weights_loaded)
+        return f"open_clip:{self.cfg.model}"
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` normalised pixels -> ``[B, h, w, C]`` output of block ``self.block``."""
@@ -160,14 +212,19 @@ class SiglipEncoder(OpenClipEncoder):
     default_std = INCEPTION_STD
 
 
-def _arch_overrides(arch: Mapping[str, Any], base: Mapping[str, Any], key: str) -> Dict[str, Any]:
-    """Validate ``arch`` and merge its nested configs into the named model config's."""
+def _arch_overrides(arch: Mapping[str, Any], base: Mapping[str, Any], key: str
+                    ) -> Tuple[Dict[str, Any], Optional[str]]:
+    """Validate ``arch``; merge its nested configs into the named model config's. Returns the
+    open_clip overrides and fusion's ``timm_act_layer`` (or None)."""
     vision_hint = ("Vision-tower settings go under vision_cfg, e.g. {vision_cfg: {layers: 2}}; "
                    "the input size is encoders.<name>.image_size")
-    check_keys(arch, _ARCH_KEYS, key, vision_hint)
+    check_keys(arch, _ARCH_KEYS | {TIMM_ACT_KEY}, key, vision_hint)
     out: Dict[str, Any] = {}
     for name, value in arch.items():
-        if name in _NESTED_KEYS:
+        if name == TIMM_ACT_KEY:
+            if value not in TIMM_ACTS:
+                raise ValueError(f"{key}.{name}: got {value!r}; accepted values are {list(TIMM_ACTS)}")
+        elif name in _NESTED_KEYS:
             if not isinstance(value, Mapping):
                 raise ValueError(f"{key}.{name}: expected a mapping of open_clip {name} fields, got {value!r}")
             hint = "the input size is encoders.<name>.image_size" if name == "vision_cfg" else ""
@@ -175,7 +232,33 @@ def _arch_overrides(arch: Mapping[str, Any], base: Mapping[str, Any], key: str) 
             out[name] = {**base.get(name, {}), **value}
         else:
             out[name] = value
-    return out
+    return out, arch.get(TIMM_ACT_KEY)
+
+
+def _check_tag_activation(cfg: EncoderConfig, base: Mapping[str, Any], overrides: Mapping[str, Any],
+                          tag_cfg: Mapping[str, Any], prefix: str) -> None:
+    """A tag's config names the activation its weights were trained with (OpenAI's QuickGELU);
+    the config must build the same one: the tag does not change the architecture."""
+    if not tag_cfg:
+        return
+    built = bool(overrides.get("quick_gelu", base.get("quick_gelu", False)))
+    trained = bool(tag_cfg.get("quick_gelu", False))
+    if built != trained:
+        raise ValueError(f"{prefix}.arch.quick_gelu: the open_clip tag {cfg.pretrained!r} of {cfg.model!r} was "
+                         f"trained with quick_gelu={trained}, but the config builds quick_gelu={built}; the "
+                         f"architecture is the config's (any weight source only brings tensors), so set "
+                         f"{prefix}.arch.quick_gelu: {str(trained).lower()}")
+
+
+def _set_trunk_act(visual: torch.nn.Module, name: str, cfg: EncoderConfig, prefix: str) -> None:
+    """Give every MLP of a timm trunk (blocks and pooling head) the activation ``name``."""
+    if not isinstance(visual, TimmModel):
+        raise ValueError(f"{prefix}.arch.{TIMM_ACT_KEY}: {cfg.model!r} has an open_clip {type(visual).__name__}, "
+                         f"not a timm trunk; its activation is {prefix}.arch.quick_gelu")
+    act = timm.layers.get_act_layer(name)
+    for module in visual.trunk.modules():
+        if isinstance(module, timm.layers.Mlp):
+            module.act = act()
 
 
 def _geometry(visual: torch.nn.Module, cfg: EncoderConfig, prefix: str) -> Tuple[int, int, Tuple[int, int], int, int]:
@@ -197,20 +280,33 @@ def _geometry(visual: torch.nn.Module, cfg: EncoderConfig, prefix: str) -> Tuple
     return int(size[0]), int(patch[0]), (int(grid[0]), int(grid[1])), int(width), int(depth)
 
 
-def _fit_checkpoint(state: Dict[str, torch.Tensor], clip_model: torch.nn.Module, key: str, path: str
-                    ) -> Dict[str, torch.Tensor]:
-    """Full open_clip state dict -> the vision tower's, position embeddings resampled to its grid."""
+def _visual_state(state: Dict[str, torch.Tensor], key: str, path: str) -> Dict[str, torch.Tensor]:
+    """A full open_clip state dict's vision tower (``visual.*``, prefix removed)."""
     visual = take_prefix(state, "visual.")
     if not visual:
         raise ValueError(f"{key}: {path!r} has no 'visual.*' keys; it should hold the full open_clip state dict "
                          f"(model.state_dict() of open_clip.create_model(...)), not the vision tower alone")
+    return visual
+
+
+def _fit_checkpoint(visual: Dict[str, torch.Tensor], clip_model: torch.nn.Module
+                    ) -> Tuple[Dict[str, torch.Tensor], Tuple[str, ...]]:
+    """The vision tower's state with position embeddings resampled to its grid (and a note if so)."""
     if isinstance(clip_model.visual, TimmModel):
         # timm's own checkpoint filter resamples pos_embed (and patch_embed) to the trunk's size.
+        before = visual.get("trunk.pos_embed")
         trunk = checkpoint_filter_fn(take_prefix(visual, "trunk."), clip_model.visual.trunk)
         visual = {**{k: v for k, v in visual.items() if not k.startswith("trunk.")},
                   **{f"trunk.{k}": v for k, v in trunk.items()}}
+        after = visual.get("trunk.pos_embed")
+        tokens = (None if before is None or after is None else (before.shape[1], after.shape[1]))
     else:
-        resized = {"visual.positional_embedding": visual["positional_embedding"]} if "positional_embedding" in visual else {}
+        before = visual.get("positional_embedding")
+        resized = {"visual.positional_embedding": before} if before is not None else {}
         resize_pos_embed(resized, clip_model)  # open_clip's helper, in place; a no-op at the same grid
         visual.update(take_prefix(resized, "visual."))
-    return visual
+        after = visual.get("positional_embedding")
+        tokens = (None if before is None or after is None else (before.shape[0], after.shape[0]))
+    if tokens and tokens[0] != tokens[1]:
+        return visual, (f"position embeddings resampled from {tokens[0]} to {tokens[1]} tokens",)
+    return visual, ()

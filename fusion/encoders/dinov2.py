@@ -9,10 +9,14 @@ stride-14 patch embedding covers ``image_size // 14`` patches per side and ignor
 remaining pixels (384 px gives 27x27 and drops the last 6 rows and columns, as
 Prismatic's DINO-SigLIP does); position embeddings are resampled by timm.
 
-``pretrained``: a timm tag (``lvd142m`` means ``<model>.lvd142m``), fetched by timm's
-own download cache; or a local file holding the timm model's state dict (timm's
-checkpoint filter adapts it, as timm's pretrained loader does: position-embedding
-resampling, Meta's original DINOv2 key layout). Loading is strict.
+``pretrained`` (see :mod:`.sources`): a timm tag (``lvd142m`` means ``<model>.lvd142m``),
+whose file is fetched into timm's own cache (the Hugging Face hub cache, or PyTorch's hub
+cache for URL-only tags); a local file holding the timm model's state dict; a Hugging
+Face ``Dinov2Model`` / ``Dinov2WithRegistersModel`` checkpoint (:mod:`.hf_maps`); or
+``random``. The model is always built from its name and ``arch`` (a tag selects only a
+file); every source then goes through timm's checkpoint filter, as timm's pretrained
+loader does (position-embedding resampling, Meta's original DINOv2 key layout), and is
+loaded strictly.
 
 ``forward`` returns the output of the selected block, before the final norm, with the
 prefix tokens (CLS and registers) removed: ``[B, h, w, embed_dim]``.
@@ -20,6 +24,9 @@ prefix tokens (CLS and registers) removed: ``[B, h, w, embed_dim]``.
 from __future__ import annotations
 
 import inspect
+import os
+from dataclasses import replace
+from typing import Sequence
 
 import timm
 import torch
@@ -28,7 +35,10 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from ..config import EncoderConfig
 from .base import Encoder
 from .registry import register_encoder
+from .fetch import Remote
+from .loading import locate, read_source
 from .weights import (
+    LoadedWeights,
     block_index,
     check_keys,
     check_pixels,
@@ -36,12 +46,12 @@ from .weights import (
     finalize,
     load_strict,
     param_dtype,
-    read_checkpoint,
     resolve_pretrained,
     unknown_model,
-    upstream_label,
 )
 
+# timm's file names on the Hugging Face hub, in the order its loader tries them.
+_TIMM_HF_FILES = ("model.safetensors", "pytorch_model.bin")
 # VisionTransformer arguments arch may set: the input size has its own config key, and
 # device/dtype are the tower's business.
 _ARCH_KEYS = set(inspect.signature(VisionTransformer).parameters) - {"self", "img_size", "device", "dtype"}
@@ -57,6 +67,7 @@ class Dinov2Encoder(Encoder):
     """
 
     resize = "squash"
+    library = "timm"
 
     def __init__(self, cfg: EncoderConfig, load_weights: bool = True):
         super().__init__(cfg, load_weights)
@@ -65,22 +76,20 @@ class Dinov2Encoder(Encoder):
         if cfg.model not in valid:
             raise unknown_model(f"{prefix}.model", cfg.model, valid, "timm DINOv2")
         check_keys(cfg.arch, _ARCH_KEYS, f"{prefix}.arch", "the input size is encoders.<name>.image_size")
-        tags = [name.split(".", 1)[1] for name in timm.list_pretrained(f"{cfg.model}.*")]
-        source = resolve_pretrained(cfg, tags, load_weights, "timm")
+        source = resolve_pretrained(cfg, self.pretrained_tags(cfg), load_weights, self.library)
         self.pretrained_tag = source.value if source.kind == "tag" else None
-        self.tag_weights_loaded = source.load_tag
+        path = locate(source, lambda: self.tag_checkpoint(cfg, source.value))  # fetched before building
 
-        self.model = self._create(cfg, source, prefix)
+        self.model = self._create(cfg, prefix)
         embed = self.model.patch_embed
         self.patch_size = int(embed.patch_size[0])
         self.image_size = int(embed.img_size[0])
         if self.image_size < self.patch_size:
             raise ValueError(f"{prefix}.image_size: got {self.image_size}; {cfg.model} needs at least one "
                              f"{self.patch_size}x{self.patch_size} patch (image_size >= {self.patch_size})")
-        if source.load_file:
-            state = checkpoint_filter_fn(read_checkpoint(source.value, source.key), self.model)
-            load_strict(self.model, state, source.key, source.value,
-                        f"the timm state dict of {cfg.model!r} with arch {cfg.arch or {}}")
+        self.loaded_weights = LoadedWeights("random", cfg.pretrained)
+        if path is not None:
+            self._load(source, path)
         self.grid = (int(embed.grid_size[0]), int(embed.grid_size[1]))
         self.dim = int(self.model.embed_dim)
         self.depth = len(self.model.blocks)
@@ -94,18 +103,48 @@ class Dinov2Encoder(Encoder):
         finalize(self.model, cfg)
 
     @staticmethod
-    def _create(cfg: EncoderConfig, source, prefix: str) -> VisionTransformer:
-        """``timm.create_model``; a tag names the pretrained cfg even when nothing is downloaded."""
-        name = f"{cfg.model}.{source.value}" if source.kind == "tag" else cfg.model
+    def _create(cfg: EncoderConfig, prefix: str) -> VisionTransformer:
+        """``timm.create_model`` from the model name and ``arch`` alone (random init; never downloads)."""
         kwargs = dict(cfg.arch)
         if cfg.image_size is not None:
             kwargs["img_size"] = cfg.image_size
-        return create_upstream(lambda: timm.create_model(name, pretrained=source.load_tag, **kwargs),
-                               cfg, source, prefix, "timm", f"timm weights {name!r}",
-                               f"the timm state dict of {cfg.model!r}")
+        return create_upstream(lambda: timm.create_model(cfg.model, pretrained=False, **kwargs), cfg, prefix, "timm")
+
+    def _load(self, source, path: str) -> None:
+        """Read ``source`` (tag, file or Hugging Face) from ``path``, pass it through timm's checkpoint
+        filter (position-embedding resampling), load strictly."""
+        got = read_source(source, path, self.library, self, self.model)
+        before = got.state.get("pos_embed")
+        state = checkpoint_filter_fn(got.state, self.model)
+        load_strict(self.model, state, source.key, got.path,
+                    f"the timm state dict of {self.cfg.model!r} with arch {self.cfg.arch or {}}")
+        after = state.get("pos_embed")
+        notes = got.loaded.notes
+        if before is not None and after is not None and before.shape != after.shape:
+            notes += (f"position embeddings resampled from {before.shape[1]} to {after.shape[1]} tokens",)
+        self.loaded_weights = replace(got.loaded, notes=notes)
+
+    @classmethod
+    def pretrained_tags(cls, cfg: EncoderConfig) -> Sequence[str]:
+        return [name.split(".", 1)[1] for name in timm.list_pretrained(f"{cfg.model}.*")]
+
+    @classmethod
+    def tag_checkpoint(cls, cfg: EncoderConfig, tag: str) -> Remote:
+        """The file of timm tag ``tag``: on the Hugging Face hub (timm's preference, ``.safetensors``
+        first) or at a URL cached in PyTorch's hub cache, as timm's own loader fetches it."""
+        pc = timm.models.get_pretrained_cfg(f"{cfg.model}.{tag}")
+        what, file_format = f"timm weights {cfg.model}.{tag}", f"the timm state dict of {cfg.model!r}"
+        if pc.hf_hub_id:
+            repo, _, revision = pc.hf_hub_id.partition("@")
+            files = (pc.hf_hub_filename,) if pc.hf_hub_filename else _TIMM_HF_FILES
+            return Remote("timm", what, file_format, hf_repo=repo, hf_files=files, hf_revision=revision or None)
+        if not pc.url:
+            raise ValueError(f"encoders.{cfg.name}.pretrained: timm gives no download location for {what}")
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(pc.url))
+        return Remote("PyTorch hub", what, file_format, url=pc.url, cache_file=cache)
 
     def upstream_name(self) -> str:
-        return upstream_label("timm", self.cfg.model, self.pretrained_tag, self.tag_weights_loaded)
+        return f"timm:{self.cfg.model}"
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` normalised pixels -> ``[B, h, w, C]`` output of block ``self.block``."""

@@ -1,16 +1,12 @@
-"""Where an encoder's weights come from, strict loading, and the setup every adapter shares.
+"""Strict loading and the setup every adapter shares.
 
-``encoders.<name>.pretrained`` is one of:
-
-- ``null``: random initialisation (the tower seeds the RNG);
-- a local file: ``.safetensors`` (read with safetensors) or ``.pt`` / ``.pth`` / ``.bin``
-  (read with ``torch.load(weights_only=True)``, which refuses pickles that would run
-  code), holding the state dict in the format the upstream library's own loader takes;
-- an upstream tag (open_clip ``openai``, timm ``lvd142m``, ...): fetched through the
-  upstream library's own download cache.
-
-Loading is strict: :func:`load_strict` raises a ``ValueError`` listing missing keys,
-unexpected keys and shape mismatches, naming the config key.
+Where weights come from (``pretrained``: random, a tag, a local file, a Hugging Face
+folder or ``hf:<repo>``) is :mod:`.sources`; fetching tags into the upstream caches is
+:mod:`.fetch`; reading any source is :mod:`.loading`. This module reads local checkpoint
+files (:func:`read_checkpoint`: ``.safetensors`` with safetensors, ``.pt`` / ``.pth`` /
+``.bin`` with ``torch.load(weights_only=True)``, which refuses pickles that would run
+code) and loads strictly: :func:`load_strict` raises a ``ValueError`` listing missing
+keys, unexpected keys and shape mismatches, naming the config key.
 
 The second half holds the small pieces every adapter needs: layer-index resolution,
 ``arch``-key checks, unknown-model errors, and the final dtype cast / freeze.
@@ -20,125 +16,33 @@ from __future__ import annotations
 import difflib
 import os
 import pickle
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..config import EncoderConfig
+from .sources import (  # noqa: F401  (re-exported: the adapters' one import point)
+    CHECKPOINT_SUFFIXES,
+    RANDOM,
+    LoadedWeights,
+    WeightSource,
+    check_suffix,
+    resolve_pretrained,
+)
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # Training checkpoints often wrap the weights; both open_clip's and timm's loaders unwrap these.
 WRAPPER_KEYS = ("state_dict", "model")
 # How many offending keys an error message shows before it only gives the count.
 SHOWN_KEYS = 5
 
 
-# ----------------------------------------------------------------------------- sources
-
-
-@dataclass(frozen=True)
-class WeightSource:
-    """What ``pretrained`` resolved to.
-
-    ``kind`` is ``"none"`` (random init), ``"tag"`` (an upstream tag) or ``"file"`` (a
-    local path, ``~`` expanded). ``load`` is False when the encoder was built with
-    ``load_weights=False``: the adapter then never reads or downloads anything, but it
-    may still use a tag's metadata (mean/std, activation) so the architecture matches
-    the weights that will be loaded later.
-    """
-
-    kind: str
-    value: Optional[str]
-    key: str
-    load: bool
-
-    @property
-    def load_file(self) -> bool:
-        return self.load and self.kind == "file"
-
-    @property
-    def load_tag(self) -> bool:
-        return self.load and self.kind == "tag"
-
-
-def resolve_pretrained(
-    cfg: EncoderConfig,
-    tags: Sequence[str],
-    load_weights: bool,
-    library: str,
-    tag_help: str = "",
-) -> WeightSource:
-    """Decide what ``cfg.pretrained`` means for an adapter whose upstream knows ``tags``.
-
-    ``library`` names the upstream in messages; ``tag_help`` is appended to the error for
-    an unknown value (e.g. where SAM checkpoints are published).
-    """
-    key = f"encoders.{cfg.name}.pretrained"
-    value = cfg.pretrained
-    if value is None:
-        return WeightSource("none", None, key, load_weights)
-    if value in tags:
-        return WeightSource("tag", value, key, load_weights)
-    path = os.path.expanduser(value)
-    if not load_weights:
-        return WeightSource("file", path, key, False)
-    if os.path.isfile(path):
-        _check_suffix(path, key)
-        return WeightSource("file", path, key, True)
-    if _looks_like_path(value):
-        raise ValueError(f"{key}: the file {value!r} does not exist; give an existing "
-                         f"{'/'.join(CHECKPOINT_SUFFIXES)} file, a {library} tag, or null")
-    close = difflib.get_close_matches(value, list(tags), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    known = f"{library} tags for {cfg.model!r} are {list(tags)}" if tags else f"{library} has no tags for {cfg.model!r}"
-    raise ValueError(f"{key}: {value!r} is neither a known tag{hint} nor an existing file; {known}. "
-                     f"A local {'/'.join(CHECKPOINT_SUFFIXES)} file or null (random init) also work."
-                     + (f" {tag_help}" if tag_help else ""))
-
-
-def _looks_like_path(value: str) -> bool:
-    return (os.sep in value or "/" in value or value.startswith(("~", "."))
-            or value.lower().endswith(CHECKPOINT_SUFFIXES))
-
-
-def _check_suffix(path: str, key: str) -> None:
-    if not path.lower().endswith(CHECKPOINT_SUFFIXES):
-        raise ValueError(f"{key}: {path!r} has an unsupported extension; accepted are "
-                         f"{list(CHECKPOINT_SUFFIXES)} (.safetensors, or a torch.save'd state dict)")
-
-
-def fetch_failure(key: str, library: str, source: str, err: BaseException, file_format: str) -> RuntimeError:
-    """The error for a tag that the upstream's download cache could not deliver (or load)."""
-    return RuntimeError(
-        f"{key}: loading {source} through {library}'s own download cache failed "
-        f"({type(err).__name__}: {err}). If this machine is offline, download the checkpoint "
-        f"elsewhere and set {key} to the local file ({'/'.join(CHECKPOINT_SUFFIXES)}) holding "
-        f"{file_format}; if the download worked, check that encoders.<name>.arch fits those weights."
-    )
-
-
-def upstream_label(library: str, model: str, tag: Optional[str], tag_loaded: bool) -> str:
-    """``library:model``, with the pretrained tag, marked when only its config was used."""
-    if not tag:
-        return f"{library}:{model}"
-    return f"{library}:{model} ({tag})" if tag_loaded else f"{library}:{model} ({tag} config, random weights)"
-
-
-def create_upstream(create: Callable[[], Any], cfg: EncoderConfig, source: WeightSource, prefix: str,
-                    library: str, what: str, file_format: str) -> Any:
-    """Run the upstream constructor ``create()``; turn its failure into an actionable error.
-
-    With a tag being downloaded, the failure is the download's (:func:`fetch_failure`);
-    otherwise the upstream rejected the architecture: a ValueError naming ``{prefix}.arch``.
-    ``what`` names the weights in messages, ``file_format`` what a local file must hold.
-    """
+def create_upstream(create: Callable[[], Any], cfg: EncoderConfig, prefix: str, library: str) -> Any:
+    """Run the upstream constructor ``create()`` (which never loads weights); its failure is a
+    ValueError naming ``{prefix}.arch``: the upstream rejected the architecture."""
     try:
         return create()
     except Exception as err:
-        if source.load_tag:
-            raise fetch_failure(source.key, library, what, err, file_format) from err
         raise ValueError(f"{prefix}.arch: {library} could not build {cfg.model!r} with arch {cfg.arch}: "
                          f"{type(err).__name__}: {err}") from err
 
@@ -154,7 +58,7 @@ def read_checkpoint(path: str, key: str) -> Dict[str, torch.Tensor]:
     is unwrapped and a DDP ``module.`` prefix (on every key) stripped. Anything else
     than a dict of tensors is a ``ValueError`` naming ``key``.
     """
-    _check_suffix(path, key)
+    check_suffix(path, key)
     if not os.path.isfile(path):
         raise ValueError(f"{key}: the file {path!r} does not exist")
     if path.lower().endswith(".safetensors"):
