@@ -332,7 +332,8 @@ def llava_tower(tower, image):
                               num_attention_heads=blocks[0].attn.num_heads, image_size=size,
                               patch_size=clip.patch_size, hidden_act="quick_gelu", layer_norm_eps=1e-5)
     model = CLIPVisionModel(config).eval()
-    model.load_state_dict(hf_clip_state(visual), strict=True)
+    # older transformers 5 releases nest the layers under `vision_model`; newer ones flatten them
+    getattr(model, "vision_model", model).load_state_dict(hf_clip_state(visual), strict=True)
     square = expand2square(image, tuple(int(m * 255) for m in clip.mean))
     square = square.resize((size, size), Image.BICUBIC)  # short side = size on a square; the crop is a no-op
     x = torch.from_numpy(np.array(square)).permute(2, 0, 1).float().div(255)[None]

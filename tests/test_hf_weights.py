@@ -8,6 +8,7 @@ dropped, no final norm) at <= 1e-5 relative error in fp32. Then the strictness: 
 disagreements, missing / unexpected keys, the wrong family, other file layouts,
 ``hf:<repo>`` through the hub cache (offline).
 """
+import contextlib
 import json
 
 import pytest
@@ -67,6 +68,19 @@ def save(model, folder, **kw):
     return folder
 
 
+@contextlib.contextmanager
+def layer_outputs(layers):
+    """Collect each of ``layers``' outputs (its first element when a layer returns a tuple)."""
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+             for layer in layers]
+    try:
+        yield outputs
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 # ----------------------------------------------------------------------------- parity per family
 
 
@@ -105,9 +119,12 @@ def test_siglip_parity(tmp_path, arch):
         hf = tower = perturbed(transformers.SiglipVisionModel(vision))
     enc = build("siglip", "ViT-B-16-SigLIP", save(hf, tmp_path / "hf"), layer=-1, arch=SIGLIP_ARCH)
     x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        got = tower(pixel_values=x, output_hidden_states=True)
-        assert rel_err(enc(x), got.hidden_states[-1].reshape(2, 14, 14, 64)) <= TOL
+    layers = next(m for name, m in tower.named_modules() if name.endswith("encoder.layers"))
+    with torch.no_grad(), layer_outputs(layers) as outputs:
+        # the last encoder layer's output, read by a hook: transformers releases differ in which
+        # module collects hidden_states (5.4 only the outermost model)
+        got = tower(pixel_values=x)
+        assert rel_err(enc(x), outputs[-1].reshape(2, 14, 14, 64)) <= TOL
         trunk = enc.model.trunk  # the MAP head maps too: timm's pooled output = transformers' pooler_output
         assert rel_err(trunk.forward_head(trunk.forward_features(x)), got.pooler_output) <= TOL
 
@@ -215,12 +232,14 @@ def test_wrong_family_names_the_accepted_model_types(tmp_path):
 def test_every_key_is_used_once_and_none_is_missing(tmp_path):
     folder = save(transformers.CLIPVisionModel(clip_vision_config()), tmp_path / "hf")
     state = load_file(str(folder / "model.safetensors"))
-    state.pop("encoder.layers.1.mlp.fc1.weight")
-    state["encoder.layers.1.mlp.extra"] = torch.zeros(1)
+    # the key layout transformers saves differs between releases ('vision_model.' prefix or not)
+    victim = next(k for k in state if k.endswith("encoder.layers.1.mlp.fc1.weight"))
+    state.pop(victim)
+    state[victim.replace("fc1.weight", "extra")] = torch.zeros(1)
     save_file(state, str(folder / "model.safetensors"))
     with pytest.raises(ValueError, match=r"encoders\.clip\.pretrained: .* does not fit the key map: 1 missing key "
-                                         r"\('encoder\.layers\.1\.mlp\.fc1\.weight'\); 1 unexpected key "
-                                         r"\('encoder\.layers\.1\.mlp\.extra'\)\. It should hold a CLIPModel"):
+                                         r"\('(vision_model\.)?encoder\.layers\.1\.mlp\.fc1\.weight'\); 1 unexpected key "
+                                         r"\('(vision_model\.)?encoder\.layers\.1\.mlp\.extra'\)\. It should hold a CLIPModel"):
         build("clip", "ViT-B-16", folder, arch=CLIP_ARCH)
 
 
