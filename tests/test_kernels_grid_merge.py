@@ -111,19 +111,33 @@ def test_frozen_grids_only_norm_grads():
     check_merge([(27, 27, 16), (24, 24, 8)], 24, norm="affine", grad_grids=False)
 
 
-@pytest.mark.parametrize("mode,h,H", [("area", 27, 24), ("bilinear", 9, 24), ("bilinear", 13, 5)])
-def test_row_bands_match_single_band(mode, h, H):
-    """Row bands (used on GPUs for small batches) change the launch, not the result."""
-    x = torch.randn(2, h, h, 5)
+@pytest.fixture
+def most_programs(monkeypatch):
+    """Plans with as many programs as possible, whatever they re-read: one-column
+    segments (``R = 1``: the FMA path), one-row bands, shared backward columns written
+    colour by colour."""
+    MP = sys.modules["fusion.kernels._merge_plan"]
+    monkeypatch.setattr(MP, "_pick", lambda cands, target: min(cands, key=lambda c: (c[2][0], -c[2][1])))
+    MP.fwd_plan.cache_clear(), MP.bwd_plan.cache_clear()
+    yield MP
+    MP.fwd_plan.cache_clear(), MP.bwd_plan.cache_clear()
+
+
+@pytest.mark.parametrize("mode,h,H", [("area", 11, 7), ("bilinear", 4, 11), ("bilinear", 13, 5)])
+def test_multi_program_plans_match_one_program(mode, h, H, most_programs):
+    """The plans a GPU gets (column segments, row bands, backward colours) change the
+    launch, not the result: the most-programs plan against the one-program CPU plan."""
+    x = torch.randn(1, h, h, 5)
     w, b = torch.randn(5), torch.randn(5)
-    g = torch.randn(2, H * H, 5)
+    g = torch.randn(1, H * H, 5)
     args = ([x], [w], [b], [True])
-    outs = [GM.grid_merge_forward(*args, H, H, mode, 1e-5, "channel", row_blocks=(rb, rb)) for rb in (1, 3)]
-    assert torch.equal(outs[0], outs[1])
-    grads = [GM.grid_merge_backward(g, *args, [True], H, H, mode, 1e-5, "channel", row_blocks=(rb, rb))
-             for rb in (1, 3)]
+    many = most_programs.bwd_plan(h, h, H, H, 5, mode, True, True, 1, 1000)
+    assert many.tile.R == 1 and (len(many.launches) > 1 or mode == "bilinear" and H < h), many.tile
+    outs = [GM.grid_merge_forward(*args, H, H, mode, 1e-5, "channel", sms=sms) for sms in (0, 1000)]
+    assert_close(outs[1], outs[0], 1e-6, "multi-program forward")
+    grads = [GM.grid_merge_backward(g, *args, [True], H, H, mode, 1e-5, "channel", sms=sms) for sms in (0, 1000)]
     for a, c in zip(*grads):
-        assert_close(a, c, 1e-6, "banded backward")
+        assert_close(c, a, 1e-6, "multi-program backward")
 
 
 def test_backward_is_deterministic():

@@ -1,0 +1,235 @@
+"""Launch plans of ``grid_merge``: register tiles, programs, and the bytes each plan moves.
+
+A program holds ``R`` output positions x all their channels in fp32 registers (the
+LayerNorm needs every channel of a position at once). Channels are two power-of-two
+parts, ``BC1 = pow2_floor(C)`` and ``BC2 = next_pow2(C - BC1)`` (1152 = 1024 + 128), so a
+tile wastes at most a little padding instead of rounding 1152 up to 2048. Without a
+LayerNorm channels are independent and a program takes a ``BC1 = 128`` channel tile.
+
+``R >= 16`` programs resample with ``tl.dot`` (``[R, 16] @ [16, BC]``, tensor cores; every
+tile dimension then needs 16, so channel parts are at least 16); narrower ones add one
+input column at a time into their positions with FMAs, which needs no ``[16, BC]``
+input tile in registers.
+
+Rules (documented here instead of an autotuner, so a GPU uses them on day one and the
+interpreter, CPU tests and compile report see the same launches):
+
+- Register budget: ``REG_BUDGET = 40960`` fp32 values per program for its
+  ``[R, BC1 + BC2]`` tiles (160 registers per thread at 8 warps). The forward keeps 3
+  tiles (output row, cached input row, input row being resampled; 4 with two cached
+  rows), the backward 4 (cached row, recomputed row, gradient, pending input-gradient
+  row; 6 with two slots), without a LayerNorm 3 / 2 (3). ``R`` is the largest power of
+  two within it, so registers do not grow with ``C``: a wider grid gets fewer positions
+  per program. ``MAX_NORM_CHANNELS = 6144`` keeps ``R >= 1`` for every variant (the
+  PyTorch path takes wider LayerNorm grids).
+- Warps: 4 when the tiles fit 160 registers per thread at 4 warps, else 8.
+- Stages: ``num_stages = 2`` (loads of the next input column overlap the arithmetic).
+- Programs: a forward program owns ``s <= R`` output columns of a band of output rows;
+  a backward program owns ``s`` output columns of a band of input rows. The planner
+  tries every segment width and band count, computes the bytes each moves (the same
+  count ``benchmarks/traffic.py`` measures in the interpreter) and takes, among plans
+  within ``PLAN_LIMIT = 1.08`` x the minimal bytes, the one that comes closest to one
+  program per SM (all batch items together; ties: fewer bytes, then fewer programs).
+  On the CPU (no SM count) that is the plan with the fewest bytes.
+
+Overlap. Area windows of a non-integer ratio (27->24, 37->24, 64->24) share their boundary
+row or column with the next window. A program streams its input rows once, carrying the
+last width-resampled row to the next output row, so shared rows cost nothing inside a
+band; shared columns at a segment edge are read by both segments. In the backward a
+shared input column receives gradient from two segments: the segments are coloured
+(``s % m``, ``m`` = most segments sharing a column) and launched colour by colour; the
+first colour to touch a column writes it, later colours read it back and add. No two
+programs of one launch write the same element (no atomics), and the order of the sums is
+fixed (deterministic).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Tuple
+
+from ._plan import _covering, next_pow2, pow2_floor, two_slots
+from ._weights import tap_ranges
+
+REG_BUDGET = 40960
+REGS_PER_THREAD = 160
+NO_NORM_BC = 128
+DOT_MIN = 16  # tl.dot needs every dimension >= 16; also the columns per dot step
+MAX_NORM_CHANNELS = 6144
+PLAN_LIMIT = 1.08
+NUM_STAGES = 2
+_TILES = {  # (direction, layernorm, two cached rows) -> [R, BC] fp32 tiles a program keeps live
+    ("fwd", True, False): 3, ("fwd", True, True): 4, ("fwd", False, False): 3, ("fwd", False, True): 4,
+    ("bwd", True, False): 4, ("bwd", True, True): 6, ("bwd", False, False): 2, ("bwd", False, True): 3,
+}
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Per-program register tile ``[R, BC1]`` (+ ``[R, BC2]`` when ``has_rest``)."""
+    R: int
+    BC1: int
+    BC2: int
+    has_rest: bool
+    n_ct: int      # channel tiles (programs along the channels; 1 with a LayerNorm)
+    warps: int
+
+    @property
+    def use_dot(self) -> bool:
+        return self.R >= DOT_MIN
+
+    @property
+    def BJ(self) -> int:
+        """Columns per ``tl.dot`` step (and per vectorised zero fill)."""
+        return DOT_MIN
+
+
+@dataclass(frozen=True)
+class FwdPlan:
+    tile: Tile
+    progs: Tuple[Tuple[int, int, int, int], ...]  # (x0, x1, y0, y1): output columns and rows
+    ratio: float                                  # bytes moved / minimal bytes
+
+
+@dataclass(frozen=True)
+class BwdPlan:
+    tile: Tile
+    # per colour: (x0, x1, e0, e1, r0, r1, ya, yb, slot): output columns, input-gradient
+    # columns written, owned input rows, output rows read, dweight/dbias partial row
+    launches: Tuple[Tuple[Tuple[int, ...], ...], ...]
+    first: Tuple[int, ...]   # per input column: the colour that writes it first
+    n_slots: int
+    ratio: float
+
+
+def channel_parts(C: int, norm: bool) -> Tuple[int, int, bool, int]:
+    """``(BC1, BC2, has_rest, n_ct)``: LayerNorm grids hold all channels as two power-of-two
+    parts; other grids take ``NO_NORM_BC``-channel tiles."""
+    if not norm:
+        bc = max(DOT_MIN, min(next_pow2(C), NO_NORM_BC))
+        return bc, 1, False, -(-C // bc)
+    if C <= 2 * DOT_MIN:
+        return max(DOT_MIN, next_pow2(C)), 1, False, 1
+    bc1 = pow2_floor(C)
+    rest = C - bc1
+    return bc1, (max(DOT_MIN, next_pow2(rest)) if rest else 1), rest > 0, 1
+
+
+def max_positions(C: int, norm: bool, direction: str, two: bool) -> int:
+    """Largest power-of-two ``R`` whose tiles fit ``REG_BUDGET`` (0: too wide)."""
+    bc1, bc2, rest, _ = channel_parts(C, norm)
+    per = _TILES[direction, norm, two] * (bc1 + (bc2 if rest else 0))
+    return pow2_floor(REG_BUDGET // per) if per <= REG_BUDGET else 0
+
+
+def make_tile(C: int, norm: bool, direction: str, two: bool, s: int) -> Tile:
+    bc1, bc2, rest, n_ct = channel_parts(C, norm)
+    R = next_pow2(s)
+    regs = _TILES[direction, norm, two] * R * (bc1 + (bc2 if rest else 0))
+    return Tile(R, bc1, bc2, rest, n_ct, 4 if regs <= 128 * REGS_PER_THREAD else 8)
+
+
+def _segments(n: int, s: int) -> Tuple[Tuple[int, int], ...]:
+    return tuple((a, min(a + s, n)) for a in range(0, n, s))
+
+
+def _bands(n: int, k: int) -> Tuple[Tuple[int, int], ...]:
+    return tuple((n * i // k, n * (i + 1) // k) for i in range(k))
+
+
+def _span(rng, a: int, b: int) -> int:
+    """Inputs read for outputs ``[a, b)`` (their taps' union; windows are monotone)."""
+    return rng[b - 1][1] - rng[a][0] if b > a else 0
+
+
+def _pick(cands, target: int):
+    """Among ``(programs, ratio, payload)`` within PLAN_LIMIT (else the least bytes): the one
+    nearest ``target`` programs (from below), then fewer bytes, then fewer programs."""
+    ok = [c for c in cands if c[1] <= PLAN_LIMIT] or [min(cands, key=lambda c: c[1])]
+    return min(ok, key=lambda c: (-min(c[0], target), round(c[1], 6), c[0]))
+
+
+@functools.lru_cache(maxsize=1024)
+def fwd_plan(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, batch: int, sms: int) -> FwdPlan:
+    """The forward launch for ``[B, h, w, C] -> [B, H, W, C]`` on a device with ``sms`` SMs."""
+    two = two_slots(h, H, mode)
+    r_max = max_positions(C, norm, "fwd", two)
+    if r_max < 1:
+        raise ValueError(f"grid_merge: {C} channels with a LayerNorm exceed the Triton kernel's "
+                         f"{MAX_NORM_CHANNELS}-channel limit; use backend='torch'")
+    cols, rows = tap_ranges(w, W, mode), tap_ranges(h, H, mode)
+    n_ct = channel_parts(C, norm)[3]
+    target = max(1, sms)
+    minimal = h * w + H * W
+    row_cost = [sum(_span(rows, a, b) for a, b in _bands(H, k)) for k in range(1, H + 1)]
+    cands = []
+    for s in range(1, min(r_max, W) + 1):
+        segs = _segments(W, s)
+        col_cost = sum(_span(cols, a, b) for a, b in segs)
+        for k in range(1, H + 1):
+            cands.append((len(segs) * k * n_ct * batch, (col_cost * row_cost[k - 1] + H * W) / minimal, (s, k)))
+    progs, ratio, (s, k) = _pick(cands, target)
+    table = tuple((a, b, y0, y1) for y0, y1 in _bands(H, k) for a, b in _segments(W, s))
+    return FwdPlan(make_tile(C, norm, "fwd", two, s), table, ratio)
+
+
+def _colours(w: int, W: int, mode: str, segs) -> Tuple[Tuple[int, ...], Tuple[Tuple[int, int], ...], int]:
+    """Per input column the first colour writing it, each segment's written columns, colours."""
+    cols = tap_ranges(w, W, mode)
+    spans = [(cols[a][0], cols[b - 1][1]) for a, b in segs]
+    touching = [[i for i, (lo, hi) in enumerate(spans) if lo <= j < hi] for j in range(w)]
+    m = max(1, max(len(t) for t in touching))
+    # columns no output reads (bilinear skips) go to the nearest segment on their left
+    emit, prev_end = [], 0
+    for i, (lo, hi) in enumerate(spans):
+        end = w if i == len(spans) - 1 else hi
+        emit.append((min(lo, prev_end), max(hi, end)))
+        prev_end = max(prev_end, hi)
+    owner = [[i for i, (a, b) in enumerate(emit) if a <= j < b] for j in range(w)]
+    first = tuple(min(i % m for i in o) for o in owner)
+    return first, tuple(emit), m
+
+
+@functools.lru_cache(maxsize=1024)
+def bwd_plan(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, need_dx: bool,
+             batch: int, sms: int) -> BwdPlan:
+    """The backward launches (one per colour) for the grid of :func:`fwd_plan`."""
+    two = two_slots(h, H, mode)
+    r_max = max_positions(C, norm, "bwd", two)
+    if r_max < 1:
+        raise ValueError(f"grid_merge: {C} channels with a LayerNorm exceed the Triton kernel's "
+                         f"{MAX_NORM_CHANNELS}-channel limit; use backend='torch'")
+    cols, rows = tap_ranges(w, W, mode), tap_ranges(h, H, mode)
+    n_ct = channel_parts(C, norm)[3]
+    target = max(1, sms)
+    minimal = (h * w if norm else 0) + H * W + (h * w if need_dx else 0)
+    band_rows = []
+    for k in range(1, h + 1):
+        cov = [_covering(h, H, mode, r0, r1) for r0, r1 in _bands(h, k)]
+        band_rows.append((sum(_span(rows, a, b) for a, b in cov), sum(b - a for a, b in cov)))
+    cands = []
+    for s in range(1, min(r_max, W) + 1):
+        segs = _segments(W, s)
+        first, emit, m = _colours(w, W, mode, segs)
+        x_cols = sum(_span(cols, a, b) for a, b in segs) if norm else 0
+        dx_cols = sum(e1 - e0 + sum(first[j] != i % m for j in range(e0, e1))
+                      for i, (e0, e1) in enumerate(emit)) if need_dx else 0
+        per_launch = min(sum(1 for i in range(len(segs)) if i % m == c) for c in range(m))
+        for k in range(1, h + 1):
+            xr, gr = band_rows[k - 1]
+            moved = x_cols * xr + gr * W + dx_cols * h
+            cands.append((per_launch * k * n_ct * batch, moved / minimal, (s, k)))
+    _, ratio, (s, k) = _pick(cands, target)
+    segs = _segments(W, s)
+    first, emit, m = _colours(w, W, mode, segs)
+    bands = [(r0, r1) + _covering(h, H, mode, r0, r1) for r0, r1 in _bands(h, k)]
+    launches, slot = [], 0
+    for c in range(m):
+        progs = []
+        for r0, r1, ya, yb in bands:
+            for i, ((x0, x1), (e0, e1)) in enumerate(zip(segs, emit)):
+                if i % m == c:
+                    progs.append((x0, x1, e0, e1, r0, r1, ya, yb, slot))
+                    slot += 1
+        launches.append(tuple(progs))
+    return BwdPlan(make_tile(C, norm, "bwd", two, s), tuple(launches), first, slot, ratio)
