@@ -3,8 +3,8 @@
 A kernel program of ``grid_merge`` owns a block of columns and a band of rows of one
 batch item and streams its rows once. Tables (int32 / fp32, a few hundred bytes) tell
 it, per output index, which input run ``[lo, hi)`` it reads and with which weights
-(first / middle / last tap: area weights are all ``1/(hi-lo)``, bilinear's two taps
-are ``1-l`` and ``l``), built in Python from :mod:`._weights`, whose weights the tests
+(first / last tap: area weights are all ``1/(hi-lo)``, bilinear's two taps are ``1-l``
+and ``l``), built in Python from :mod:`._weights`, whose weights the tests
 check against ATen's pooling / interpolation: no index math is duplicated in-kernel.
 
 Block sizes:
@@ -53,14 +53,20 @@ def channel_block(C: int) -> int:
 
 @functools.lru_cache(maxsize=512)
 def _axis_rows(n_in: int, n_out: int, mode: str):
-    """Per output index: (lo, hi) int pairs and (first, middle, last) tap weights."""
+    """Per output index: (lo, hi) int pairs and (first, last) tap weights.
+
+    Two weights describe every window: area windows weigh all their taps equally and
+    bilinear windows have at most two taps, so a tap weighs ``last`` at ``hi - 1`` and
+    ``first`` anywhere else in ``[lo, hi)`` (checked here).
+    """
     idx, wts = [], []
     for (lo, hi), taps in zip(tap_ranges(n_in, n_out, mode), _matrix_rows(n_in, n_out, mode)):
         d = dict(taps)
         first, last = d[lo], d[hi - 1]
-        mid = d[lo + 1] if hi - lo > 2 else first
+        if any(d.get(j, 0.0) != first for j in range(lo + 1, hi - 1)):
+            raise AssertionError(f"{mode} {n_in}->{n_out}: a window's middle taps differ from its first")
         idx.append((lo, hi))
-        wts.append((first, mid, last))
+        wts.append((first, last))
     return tuple(idx), tuple(wts)
 
 
@@ -68,12 +74,28 @@ _TABLES: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def axis_tables(n_in: int, n_out: int, mode: str, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(int32 [n_out, 2] lo/hi, fp32 [n_out, 3] first/mid/last weights)`` on ``device``."""
+    """``(int32 [n_out, 2] lo/hi, fp32 [n_out, 2] first/last weights)`` on ``device``."""
     key = (n_in, n_out, mode, str(device))
     if key not in _TABLES:
         idx, wts = _axis_rows(n_in, n_out, mode)
         _TABLES[key] = (torch.tensor(idx, dtype=torch.int32, device=device),
                         torch.tensor(wts, dtype=torch.float32, device=device))
+    return _TABLES[key]
+
+
+def dense_table(n_in: int, n_out: int, mode: str, device) -> torch.Tensor:
+    """fp32 ``[n_out, n_in]``: the resampling matrix of one axis (row ``i`` = output ``i``'s weights).
+
+    The FMA path of ``grid_merge`` loads column ``j`` of it for its ``R`` positions instead
+    of keeping four tap vectors per position in registers.
+    """
+    key = ("dense", n_in, n_out, mode, str(device))
+    if key not in _TABLES:
+        m = torch.zeros(n_out, n_in, dtype=torch.float32)
+        for i, taps in enumerate(_matrix_rows(n_in, n_out, mode)):
+            for j, wt in taps:
+                m[i, j] += wt
+        _TABLES[key] = m.to(device)
     return _TABLES[key]
 
 

@@ -3,8 +3,12 @@
 Tensor layouts: a grid row is ``[w, C]`` channels-last. A program's register tiles are
 ``[R, BC1]`` (+ ``[R, BC2]``, the channel rest, when ``HAS_REST``): ``R`` output
 positions of one output row x channels, fp32. Column weights come as per-position
-vectors ``(lo, hi, w_first, w_mid, w_last)`` (see :mod:`._plan`); input column ``j``
-weighs ``w_first`` at ``lo``, ``w_last`` at ``hi - 1``, ``w_mid`` in between, 0 outside.
+vectors ``(lo, hi, w_first, w_last)`` (see :mod:`._plan`); input column ``j`` weighs
+``w_last`` at ``hi - 1``, ``w_first`` elsewhere in ``[lo, hi)``, 0 outside. That is the
+``USE_DOT`` path (``R >= 16``). The FMA path (``R < 16``) keeps no per-position vectors
+(they would sit in every thread's registers): the same four arguments then carry
+``(unused, dense table pointer, row offsets x * w, position mask)`` and column ``j``'s
+weights are loaded from the dense ``[W, w]`` resampling matrix (``_plan.dense_table``).
 The weight math is written inline in the loops: the Triton interpreter pays
 milliseconds for every nested ``@triton.jit`` call.
 """
@@ -13,26 +17,24 @@ from ._triton import sum_combine as _sum, tl, triton
 
 @triton.jit
 def load_taps(idx_ptr, wt_ptr, offs, mask):
-    """Per-output tap tables for indices ``offs``: ``(lo, hi, w_first, w_mid, w_last)``."""
+    """Per-output tap tables for indices ``offs``: ``(lo, hi, w_first, w_last)``."""
     lo = tl.load(idx_ptr + 2 * offs, mask=mask, other=0)
     hi = tl.load(idx_ptr + 2 * offs + 1, mask=mask, other=0)
-    wf = tl.load(wt_ptr + 3 * offs, mask=mask, other=0.0)
-    wm = tl.load(wt_ptr + 3 * offs + 1, mask=mask, other=0.0)
-    wl = tl.load(wt_ptr + 3 * offs + 2, mask=mask, other=0.0)
-    return lo, hi, wf, wm, wl
+    wf = tl.load(wt_ptr + 2 * offs, mask=mask, other=0.0)
+    wl = tl.load(wt_ptr + 2 * offs + 1, mask=mask, other=0.0)
+    return lo, hi, wf, wl
 
 
 @triton.jit
-def col_weights(j, c_lo, c_hi, c_wf, c_wm, c_wl):
+def col_weights(j, c_lo, c_hi, c_wf, c_wl):
     """``[R, BJ]`` weights input columns ``j`` (``[1, BJ]``) get in the ``R`` positions."""
-    lo = c_lo[:, None]
     hi = c_hi[:, None]
-    wt = tl.where(j == lo, c_wf[:, None], tl.where(j == hi - 1, c_wl[:, None], c_wm[:, None]))
-    return tl.where((j >= lo) & (j < hi), wt, 0.0)
+    wt = tl.where(j == hi - 1, c_wl[:, None], c_wf[:, None])
+    return tl.where((j >= c_lo[:, None]) & (j < hi), wt, 0.0)
 
 
 @triton.jit
-def width_row(row_ptr, sxw64, oc1, m1, oc2, m2, jlo, jhi, c_lo, c_hi, c_wf, c_wm, c_wl,
+def width_row(row_ptr, sxw64, oc1, m1, oc2, m2, jlo, jhi, c_lo, c_hi, c_wf, c_wl,
               R: tl.constexpr, BC1: tl.constexpr, BC2: tl.constexpr, HAS_REST: tl.constexpr,
               USE_DOT: tl.constexpr, BJ: tl.constexpr, PREC: tl.constexpr):
     """One input row resampled along the width: ``([R, BC1], [R, BC2])`` fp32.
@@ -47,7 +49,7 @@ def width_row(row_ptr, sxw64, oc1, m1, oc2, m2, jlo, jhi, c_lo, c_hi, c_wf, c_wm
     if USE_DOT:
         for j0 in range(jlo, jhi, BJ):
             offs_j = j0 + tl.arange(0, BJ)
-            wgt = col_weights(offs_j[None, :], c_lo, c_hi, c_wf, c_wm, c_wl)
+            wgt = col_weights(offs_j[None, :], c_lo, c_hi, c_wf, c_wl)
             cols = row_ptr + (offs_j.to(tl.int64) * sxw64)[:, None]
             jm = (offs_j < jhi)[:, None]
             tile = tl.load(cols + oc1[None, :], mask=jm & m1[None, :], other=0.0).to(tl.float32)
@@ -58,8 +60,7 @@ def width_row(row_ptr, sxw64, oc1, m1, oc2, m2, jlo, jhi, c_lo, c_hi, c_wf, c_wm
     else:
         col = row_ptr + jlo * sxw64
         for j in range(jlo, jhi):
-            wj = tl.where(j == c_lo, c_wf, tl.where(j == c_hi - 1, c_wl, c_wm))
-            wj = tl.where((j >= c_lo) & (j < c_hi), wj, 0.0)[:, None]
+            wj = tl.load(c_hi + (c_wf + j), mask=c_wl, other=0.0)[:, None]
             t1 += wj * tl.load(col + oc1[None, :], mask=m1[None, :], other=0.0).to(tl.float32)
             if HAS_REST:
                 t2 += wj * tl.load(col + oc2[None, :], mask=m2[None, :], other=0.0).to(tl.float32)
@@ -69,7 +70,7 @@ def width_row(row_ptr, sxw64, oc1, m1, oc2, m2, jlo, jhi, c_lo, c_hi, c_wf, c_wm
 
 @triton.jit
 def output_row(x_b, sxh64, sxw64, oc1, m1, oc2, m2, y, rows_idx_ptr, rows_wt_ptr,
-               jlo, jhi, c_lo, c_hi, c_wf, c_wm, c_wl, a1, a2, id_a, b1, b2, id_b,
+               jlo, jhi, c_lo, c_hi, c_wf, c_wl, a1, a2, id_a, b1, b2, id_b,
                TWO_SLOTS: tl.constexpr, R: tl.constexpr, BC1: tl.constexpr, BC2: tl.constexpr,
                HAS_REST: tl.constexpr, USE_DOT: tl.constexpr, BJ: tl.constexpr, PREC: tl.constexpr):
     """Output row ``y`` before normalisation: ``([R, BC1], [R, BC2])`` fp32.
@@ -84,20 +85,19 @@ def output_row(x_b, sxh64, sxw64, oc1, m1, oc2, m2, y, rows_idx_ptr, rows_wt_ptr
     """
     rlo = tl.load(rows_idx_ptr + 2 * y)
     rhi = tl.load(rows_idx_ptr + 2 * y + 1)
-    rwf = tl.load(rows_wt_ptr + 3 * y)
-    rwm = tl.load(rows_wt_ptr + 3 * y + 1)
-    rwl = tl.load(rows_wt_ptr + 3 * y + 2)
+    rwf = tl.load(rows_wt_ptr + 2 * y)
+    rwl = tl.load(rows_wt_ptr + 2 * y + 1)
     acc1 = tl.full((R, BC1), 0.0, tl.float32)
     acc2 = tl.full((R, BC2), 0.0, tl.float32)
     for r in range(rlo, rhi):
-        wr = tl.where(r == rlo, rwf, tl.where(r == rhi - 1, rwl, rwm))
+        wr = tl.where(r == rhi - 1, rwl, rwf)
         if TWO_SLOTS:
             odd = (r % 2) == 1
             cached = tl.where(odd, id_b, id_a)
         else:
             cached = id_a
         if r != cached:
-            t1, t2 = width_row(x_b + r * sxh64, sxw64, oc1, m1, oc2, m2, jlo, jhi, c_lo, c_hi, c_wf, c_wm, c_wl,
+            t1, t2 = width_row(x_b + r * sxh64, sxw64, oc1, m1, oc2, m2, jlo, jhi, c_lo, c_hi, c_wf, c_wl,
                                R, BC1, BC2, HAS_REST, USE_DOT, BJ, PREC)
             if TWO_SLOTS:
                 b1 = tl.where(odd, t1, b1)
@@ -140,7 +140,7 @@ def layer_norm_stats(acc1, acc2, m1, m2, C, eps, HAS_REST: tl.constexpr):
 
 @triton.jit
 def emit_row(dx_row, sdw64, dc1, m1, dc2, m2, t1, t2, e0, e1, first_ptr, colour,
-             c_lo, c_hi, c_wf, c_wm, c_wl, HAS_REST: tl.constexpr, USE_DOT: tl.constexpr,
+             c_lo, c_hi, c_wf, c_wl, HAS_REST: tl.constexpr, USE_DOT: tl.constexpr,
              BJ: tl.constexpr, PREC: tl.constexpr):
     """Input-gradient row from ``t`` (``[R, BC]``: output positions x channels): column ``j``
     of ``[e0, e1)`` gets ``sum_x w_x(j) t[x]``. The launch whose colour is ``first[j]``
@@ -151,7 +151,7 @@ def emit_row(dx_row, sdw64, dc1, m1, dc2, m2, t1, t2, e0, e1, first_ptr, colour,
             offs_j = j0 + tl.arange(0, BJ)
             jm = offs_j < e1
             later = (tl.load(first_ptr + offs_j, mask=jm, other=colour) != colour)[:, None]
-            wt = tl.trans(col_weights(offs_j[None, :], c_lo, c_hi, c_wf, c_wm, c_wl))  # [BJ, R]
+            wt = tl.trans(col_weights(offs_j[None, :], c_lo, c_hi, c_wf, c_wl))  # [BJ, R]
             cols = dx_row + (offs_j.to(tl.int64) * sdw64)[:, None]
             mask = jm[:, None] & m1[None, :]
             d1 = tl.dot(wt, t1, input_precision=PREC)
@@ -166,8 +166,7 @@ def emit_row(dx_row, sdw64, dc1, m1, dc2, m2, t1, t2, e0, e1, first_ptr, colour,
         col = dx_row + e0 * sdw64
         for j in range(e0, e1):
             later = tl.load(first_ptr + j) != colour
-            wj = tl.where(j == c_lo, c_wf, tl.where(j == c_hi - 1, c_wl, c_wm))
-            wj = tl.where((j >= c_lo) & (j < c_hi), wj, 0.0)[:, None]
+            wj = tl.load(c_hi + (c_wf + j), mask=c_wl, other=0.0)[:, None]
             d1 = tl.reduce(wj * t1, 0, _sum)
             d1 += tl.load(col + dc1, mask=m1 & later, other=0.0).to(tl.float32)
             tl.store(col + dc1, d1.to(dx_row.dtype.element_ty), mask=m1)

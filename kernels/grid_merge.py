@@ -35,7 +35,7 @@ from . import _validate as V
 from ._canonical import require_canonical
 from ._launch import Launch, run_all
 from ._merge_plan import NUM_STAGES, bwd_plan, fwd_plan
-from ._plan import axis_tables, dot_precision, int_table, out_slices as _out_slices, sm_count, two_slots
+from ._plan import axis_tables, dense_table, dot_precision, int_table, out_slices as _out_slices, sm_count, two_slots
 from ._resample_jit import emit_row, layer_norm_stats, load_taps, output_row, zero_row
 from ._triton import HAVE_TRITON, sum_combine as _sum, tl, triton, triton_runs_on
 from .reference import grid_merge_reference
@@ -45,8 +45,8 @@ require_canonical(__name__)  # registering the fusion:: ops twice frees them und
 
 @triton.jit
 def _grid_merge_fwd_kernel(
-    x_ptr, out_ptr, w_ptr, b_ptr, rows_idx_ptr, rows_wt_ptr, cols_idx_ptr, cols_wt_ptr, progs_ptr,
-    W, C, n_ct, eps, sxb, sxh, sxw, sxc, sob, son, soc,
+    x_ptr, out_ptr, w_ptr, b_ptr, rows_idx_ptr, rows_wt_ptr, cols_idx_ptr, cols_wt_ptr, progs_ptr, dense_ptr,
+    W, w_in, C, n_ct, eps, sxb, sxh, sxw, sxc, sob, son, soc,
     NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, TWO_SLOTS: tl.constexpr,
     R: tl.constexpr, BC1: tl.constexpr, BC2: tl.constexpr, HAS_REST: tl.constexpr,
     USE_DOT: tl.constexpr, BJ: tl.constexpr, PREC: tl.constexpr,
@@ -61,12 +61,18 @@ def _grid_merge_fwd_kernel(
     y1 = tl.load(prog + 3)
     offs_x = x0 + tl.arange(0, R)
     xmask = offs_x < x1
-    c_lo, c_hi, c_wf, c_wm, c_wl = load_taps(cols_idx_ptr, cols_wt_ptr, offs_x, xmask)
+    if USE_DOT:
+        c_lo, c_hi, c_wf, c_wl = load_taps(cols_idx_ptr, cols_wt_ptr, offs_x, xmask)
+    else:  # FMA path: weights of column j for the R positions come from the dense [W, w] table
+        c_lo = 0
+        c_hi = dense_ptr
+        c_wf = offs_x * w_in
+        c_wl = xmask
     jlo = tl.load(cols_idx_ptr + 2 * x0)
     jhi = tl.load(cols_idx_ptr + 2 * (x1 - 1) + 1)
     c1 = ct * BC1 + tl.arange(0, BC1)  # channels of part 1 (a channel tile without a LayerNorm)
     c2 = BC1 + tl.arange(0, BC2)       # the rest (HAS_REST: LayerNorm of a non-power-of-two C)
-    m1 = c1 < C
+    m1 = (c1 < C) | NORM  # with a LayerNorm, part 1 is channels [0, pow2_floor(C)): all valid
     m2 = c2 < C
     if HAS_W:
         w1 = tl.load(w_ptr + c1, mask=m1, other=0.0).to(tl.float32)
@@ -78,8 +84,8 @@ def _grid_merge_fwd_kernel(
     sxh64 = b * 0 + sxh
     sxw64 = b * 0 + sxw
     W64 = b * 0 + W  # int64 index math: no overflow, no interpreter overflow checks
-    oc1 = c1.to(tl.int64) * sxc
-    oc2 = c2.to(tl.int64) * sxc
+    oc1 = c1 * sxc
+    oc2 = c2 * sxc
     o1 = out_ptr + b * sob + (c1.to(tl.int64) * soc)[None, :]
     o2 = out_ptr + b * sob + (c2.to(tl.int64) * soc)[None, :]
     a1 = tl.full((R, BC1), 0.0, tl.float32)  # cached resampled input rows (slots a, b)
@@ -91,7 +97,7 @@ def _grid_merge_fwd_kernel(
     for y in range(y0, y1):
         acc1, acc2, a1, a2, id_a, b1, b2, id_b = output_row(
             x_b, sxh64, sxw64, oc1, m1, oc2, m2, y, rows_idx_ptr, rows_wt_ptr, jlo, jhi,
-            c_lo, c_hi, c_wf, c_wm, c_wl, a1, a2, id_a, b1, b2, id_b, TWO_SLOTS, R, BC1, BC2, HAS_REST,
+            c_lo, c_hi, c_wf, c_wl, a1, a2, id_a, b1, b2, id_b, TWO_SLOTS, R, BC1, BC2, HAS_REST,
                 USE_DOT, BJ, PREC)
         if NORM:
             acc1, acc2, rstd = layer_norm_stats(acc1, acc2, m1, m2, C, eps, HAS_REST)
@@ -112,8 +118,8 @@ def _grid_merge_fwd_kernel(
 @triton.jit
 def _grid_merge_bwd_kernel(
     x_ptr, g_ptr, dx_ptr, w_ptr, dwp_ptr, dbp_ptr,
-    rows_idx_ptr, rows_wt_ptr, cols_idx_ptr, cols_wt_ptr, progs_ptr, first_ptr,
-    H, W, C, n_ct, n_slots, colour, eps,
+    rows_idx_ptr, rows_wt_ptr, cols_idx_ptr, cols_wt_ptr, progs_ptr, first_ptr, dense_ptr,
+    H, W, w_in, C, n_ct, n_slots, colour, eps,
     sxb, sxh, sxw, sxc, sgb, sgn, sgc, sdb, sdh, sdw, sdc,
     NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, NEED_DX: tl.constexpr,
     TWO_SLOTS: tl.constexpr, R: tl.constexpr, BC1: tl.constexpr, BC2: tl.constexpr,
@@ -134,12 +140,18 @@ def _grid_merge_bwd_kernel(
     slot = tl.load(prog + 8)
     offs_x = x0 + tl.arange(0, R)
     xmask = offs_x < x1
-    c_lo, c_hi, c_wf, c_wm, c_wl = load_taps(cols_idx_ptr, cols_wt_ptr, offs_x, xmask)
+    if USE_DOT:
+        c_lo, c_hi, c_wf, c_wl = load_taps(cols_idx_ptr, cols_wt_ptr, offs_x, xmask)
+    else:  # FMA path: weights of column j for the R positions come from the dense [W, w] table
+        c_lo = 0
+        c_hi = dense_ptr
+        c_wf = offs_x * w_in
+        c_wl = xmask
     jlo = tl.load(cols_idx_ptr + 2 * x0)
     jhi = tl.load(cols_idx_ptr + 2 * (x1 - 1) + 1)
     c1 = ct * BC1 + tl.arange(0, BC1)
     c2 = BC1 + tl.arange(0, BC2)
-    m1 = c1 < C
+    m1 = (c1 < C) | NORM  # with a LayerNorm, part 1 is channels [0, pow2_floor(C)): all valid
     m2 = c2 < C
     if HAS_W:
         w1 = tl.load(w_ptr + c1, mask=m1, other=0.0).to(tl.float32)
@@ -156,39 +168,42 @@ def _grid_merge_bwd_kernel(
     sdh64 = b * 0 + sdh
     sdw64 = b * 0 + sdw
     W64 = b * 0 + W
-    oc1 = c1.to(tl.int64) * sxc
-    oc2 = c2.to(tl.int64) * sxc
-    gc1 = (c1.to(tl.int64) * sgc)[None, :]
-    gc2 = (c2.to(tl.int64) * sgc)[None, :]
-    dc1 = c1.to(tl.int64) * sdc
-    dc2 = c2.to(tl.int64) * sdc
-    gm1 = xmask[:, None] & m1[None, :]
-    gm2 = xmask[:, None] & m2[None, :]
-    zero1 = tl.full((R, BC1), 0.0, tl.float32)
-    zero2 = tl.full((R, BC2), 0.0, tl.float32)
-    a1, a2, b1, b2 = zero1, zero2, zero1, zero2  # cached resampled input rows (recompute)
-    p1, p2, q1, q2 = zero1, zero2, zero1, zero2  # pending input-gradient rows, slots a / b
+    oc1 = c1 * sxc
+    oc2 = c2 * sxc
+    gc1 = (c1 * sgc)[None, :]
+    gc2 = (c2 * sgc)[None, :]
+    dc1 = c1 * sdc
+    dc2 = c2 * sdc
+    a1 = tl.full((R, BC1), 0.0, tl.float32)  # cached resampled input rows (recompute), slots a / b
+    a2 = tl.full((R, BC2), 0.0, tl.float32)
+    b1 = tl.full((R, BC1), 0.0, tl.float32)
+    b2 = tl.full((R, BC2), 0.0, tl.float32)
+    p1 = tl.full((R, BC1), 0.0, tl.float32)  # pending input-gradient rows, slots a / b
+    p2 = tl.full((R, BC2), 0.0, tl.float32)
+    q1 = tl.full((R, BC1), 0.0, tl.float32)
+    q2 = tl.full((R, BC2), 0.0, tl.float32)
     id_a = r0 * 0 - 1
     id_b = r0 * 0 - 1
     pid_a = r0 * 0 - 1
     pid_b = r0 * 0 - 1
     filled = r0  # input-gradient rows below this have been written
     for y in range(ya, yb):  # every output row that reads an owned input row
-        grow = g_b + ((y * W64 + offs_x) * sgn)[:, None]
-        g1 = tl.load(grow + gc1, mask=gm1, other=0.0).to(tl.float32)
-        g2 = zero2
-        if HAS_REST:
-            g2 = tl.load(grow + gc2, mask=gm2, other=0.0).to(tl.float32)
         rlo = tl.load(rows_idx_ptr + 2 * y)
         rhi = tl.load(rows_idx_ptr + 2 * y + 1)
-        if NORM:
+        if NORM:  # recompute the output row first: the gradient row is not live meanwhile
             acc1, acc2, a1, a2, id_a, b1, b2, id_b = output_row(
                 x_b, sxh64, sxw64, oc1, m1, oc2, m2, y, rows_idx_ptr, rows_wt_ptr, jlo, jhi,
-                c_lo, c_hi, c_wf, c_wm, c_wl, a1, a2, id_a, b1, b2, id_b, TWO_SLOTS, R, BC1, BC2, HAS_REST,
+                c_lo, c_hi, c_wf, c_wl, a1, a2, id_a, b1, b2, id_b, TWO_SLOTS, R, BC1, BC2, HAS_REST,
                 USE_DOT, BJ, PREC)
             xh1, xh2, rstd = layer_norm_stats(acc1, acc2, m1, m2, C, eps, HAS_REST)
             xh1 = xh1 * rstd[:, None]
             xh2 = xh2 * rstd[:, None]
+        grow = g_b + ((y * W64 + offs_x) * sgn)[:, None]
+        g1 = tl.load(grow + gc1, mask=xmask[:, None] & m1[None, :], other=0.0).to(tl.float32)
+        g2 = tl.full((R, BC2), 0.0, tl.float32)
+        if HAS_REST:
+            g2 = tl.load(grow + gc2, mask=xmask[:, None] & m2[None, :], other=0.0).to(tl.float32)
+        if NORM:
             own = (xmask & (rlo >= r0) & (rlo < r1))[:, None]  # each position's partials once
             if HAS_B:
                 db1 += tl.reduce(tl.where(own, g1, 0.0), 0, _sum)
@@ -212,11 +227,10 @@ def _grid_merge_bwd_kernel(
             # x channels); a row complete once no later output row reads it is written out
             # through the transposed column weights
             nxt = tl.load(rows_idx_ptr + 2 * (y + 1), mask=y + 1 < H, other=2147483647)
-            rwf = tl.load(rows_wt_ptr + 3 * y)
-            rwm = tl.load(rows_wt_ptr + 3 * y + 1)
-            rwl = tl.load(rows_wt_ptr + 3 * y + 2)
+            rwf = tl.load(rows_wt_ptr + 2 * y)
+            rwl = tl.load(rows_wt_ptr + 2 * y + 1)
             for r in range(tl.maximum(rlo, r0), tl.minimum(rhi, r1)):
-                wr = tl.where(r == rlo, rwf, tl.where(r == rhi - 1, rwl, rwm))
+                wr = tl.where(r == rhi - 1, rwl, rwf)
                 for rz in range(filled, r):  # rows no output reads (bilinear skips) get zeros
                     zero_row(dx_b + rz * sdh64, sdw64, dc1, m1, dc2, m2, e0, e1, first_ptr, colour,
                              BC1, BC2, HAS_REST, BJ)
@@ -241,7 +255,7 @@ def _grid_merge_bwd_kernel(
                     pid_a = keep
                 if done:
                     emit_row(dx_b + r * sdh64, sdw64, dc1, m1, dc2, m2, t1, t2, e0, e1, first_ptr, colour,
-                             c_lo, c_hi, c_wf, c_wm, c_wl, HAS_REST, USE_DOT, BJ, PREC)
+                             c_lo, c_hi, c_wf, c_wl, HAS_REST, USE_DOT, BJ, PREC)
     if NEED_DX:
         for rz in range(filled, r1):
             zero_row(dx_b + rz * sdh64, sdw64, dc1, m1, dc2, m2, e0, e1, first_ptr, colour, BC1, BC2, HAS_REST, BJ)
@@ -294,7 +308,7 @@ def forward_launches(grids: Sequence[Tensor], weights: Sequence[Optional[Tensor]
         launches.append(Launch(
             "grid_merge.fwd", _grid_merge_fwd_kernel, (len(pl.progs) * t.n_ct, B),
             (x, o, _param(wt, x), _param(bs, x), r_idx, r_wt, c_idx, c_wt, int_table(pl.progs, dev),
-             W, C, t.n_ct, eps, *x.stride(), *o.stride()),
+             dense_table(w, W, mode, dev), W, w, C, t.n_ct, eps, *x.stride(), *o.stride()),
             dict(NORM=bool(norm), HAS_W=bool(norm) and wt is not None, HAS_B=bool(norm) and bs is not None,
                  TWO_SLOTS=two_slots(h, H, mode), R=t.R, BC1=t.BC1, BC2=t.BC2, HAS_REST=t.has_rest,
                  USE_DOT=t.use_dot, BJ=t.BJ, PREC=dot_precision(dtype)),
@@ -344,7 +358,7 @@ def backward_launches(grad: Tensor, grids: Sequence[Tensor], weights: Sequence[O
             launches.append(Launch(
                 "grid_merge.bwd", _grid_merge_bwd_kernel, (len(progs) * t.n_ct, B),
                 (x, g, dx, _param(weights[i], x), dwp, dbp, r_idx, r_wt, c_idx, c_wt, int_table(progs, dev), first,
-                 H, W, C, t.n_ct, pl.n_slots, colour, eps, *x.stride(), *g.stride(), *dx.stride()),
+                 dense_table(w, W, mode, dev), H, W, w, C, t.n_ct, pl.n_slots, colour, eps, *x.stride(), *g.stride(), *dx.stride()),
                 dict(NORM=norm, HAS_W=has_w, HAS_B=has_b, NEED_DX=bool(need_dx[i]), TWO_SLOTS=two_slots(h, H, mode),
                      R=t.R, BC1=t.BC1, BC2=t.BC2, HAS_REST=t.has_rest, USE_DOT=t.use_dot, BJ=t.BJ,
                      PREC=dot_precision(x.dtype)),
