@@ -84,14 +84,16 @@ def axis_tables(n_in: int, n_out: int, mode: str, device) -> Tuple[torch.Tensor,
 
 
 def dense_table(n_in: int, n_out: int, mode: str, device) -> torch.Tensor:
-    """fp32 ``[n_out, n_in]``: the resampling matrix of one axis (row ``i`` = output ``i``'s weights).
+    """fp32 ``[n_out + 1, n_in]``: the resampling matrix of one axis (row ``i`` = output ``i``'s
+    weights) and a last row of zeros.
 
     The FMA path of ``grid_merge`` loads column ``j`` of it for its ``R`` positions instead
-    of keeping four tap vectors per position in registers.
+    of keeping four tap vectors per position in registers; positions a program does not
+    own read the zero row, so no mask is kept either.
     """
     key = ("dense", n_in, n_out, mode, str(device))
     if key not in _TABLES:
-        m = torch.zeros(n_out, n_in, dtype=torch.float32)
+        m = torch.zeros(n_out + 1, n_in, dtype=torch.float32)
         for i, taps in enumerate(_matrix_rows(n_in, n_out, mode)):
             for j, wt in taps:
                 m[i, j] += wt

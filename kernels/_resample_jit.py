@@ -7,8 +7,9 @@ vectors ``(lo, hi, w_first, w_last)`` (see :mod:`._plan`); input column ``j`` we
 ``w_last`` at ``hi - 1``, ``w_first`` elsewhere in ``[lo, hi)``, 0 outside. That is the
 ``USE_DOT`` path (``R >= 16``). The FMA path (``R < 16``) keeps no per-position vectors
 (they would sit in every thread's registers): the same four arguments then carry
-``(unused, dense table pointer, row offsets x * w, position mask)`` and column ``j``'s
-weights are loaded from the dense ``[W, w]`` resampling matrix (``_plan.dense_table``).
+``(unused, dense table pointer, row offsets x * w, unused)`` and column ``j``'s weights
+are loaded from the dense resampling matrix (``_plan.dense_table``; positions outside
+the segment point at its extra all-zero last row).
 The weight math is written inline in the loops: the Triton interpreter pays
 milliseconds for every nested ``@triton.jit`` call.
 """
@@ -60,7 +61,7 @@ def width_row(row_ptr, sxw64, oc1, m1, oc2, m2, jlo, jhi, c_lo, c_hi, c_wf, c_wl
     else:
         col = row_ptr + jlo * sxw64
         for j in range(jlo, jhi):
-            wj = tl.load(c_hi + (c_wf + j), mask=c_wl, other=0.0)[:, None]
+            wj = tl.load(c_hi + (c_wf + j))[:, None]
             t1 += wj * tl.load(col + oc1[None, :], mask=m1[None, :], other=0.0).to(tl.float32)
             if HAS_REST:
                 t2 += wj * tl.load(col + oc2[None, :], mask=m2[None, :], other=0.0).to(tl.float32)
@@ -166,7 +167,7 @@ def emit_row(dx_row, sdw64, dc1, m1, dc2, m2, t1, t2, e0, e1, first_ptr, colour,
         col = dx_row + e0 * sdw64
         for j in range(e0, e1):
             later = tl.load(first_ptr + j) != colour
-            wj = tl.load(c_hi + (c_wf + j), mask=c_wl, other=0.0)[:, None]
+            wj = tl.load(c_hi + (c_wf + j))[:, None]
             d1 = tl.reduce(wj * t1, 0, _sum)
             d1 += tl.load(col + dc1, mask=m1 & later, other=0.0).to(tl.float32)
             tl.store(col + dc1, d1.to(dx_row.dtype.element_ty), mask=m1)

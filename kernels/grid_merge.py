@@ -63,11 +63,11 @@ def _grid_merge_fwd_kernel(
     xmask = offs_x < x1
     if USE_DOT:
         c_lo, c_hi, c_wf, c_wl = load_taps(cols_idx_ptr, cols_wt_ptr, offs_x, xmask)
-    else:  # FMA path: weights of column j for the R positions come from the dense [W, w] table
-        c_lo = 0
+    else:  # FMA path: weights of column j for the R positions come from the dense [W + 1, w]
+        c_lo = 0  # table; positions outside the segment read its last row, all zeros
         c_hi = dense_ptr
-        c_wf = offs_x * w_in
-        c_wl = xmask
+        c_wf = tl.where(xmask, offs_x, W) * w_in
+        c_wl = 0
     jlo = tl.load(cols_idx_ptr + 2 * x0)
     jhi = tl.load(cols_idx_ptr + 2 * (x1 - 1) + 1)
     c1 = ct * BC1 + tl.arange(0, BC1)  # channels of part 1 (a channel tile without a LayerNorm)
@@ -142,11 +142,11 @@ def _grid_merge_bwd_kernel(
     xmask = offs_x < x1
     if USE_DOT:
         c_lo, c_hi, c_wf, c_wl = load_taps(cols_idx_ptr, cols_wt_ptr, offs_x, xmask)
-    else:  # FMA path: weights of column j for the R positions come from the dense [W, w] table
-        c_lo = 0
+    else:  # FMA path: weights of column j for the R positions come from the dense [W + 1, w]
+        c_lo = 0  # table; positions outside the segment read its last row, all zeros
         c_hi = dense_ptr
-        c_wf = offs_x * w_in
-        c_wl = xmask
+        c_wf = tl.where(xmask, offs_x, W) * w_in
+        c_wl = 0
     jlo = tl.load(cols_idx_ptr + 2 * x0)
     jhi = tl.load(cols_idx_ptr + 2 * (x1 - 1) + 1)
     c1 = ct * BC1 + tl.arange(0, BC1)
