@@ -14,15 +14,19 @@ input tile in registers.
 Rules (documented here instead of an autotuner, so a GPU uses them on day one and the
 interpreter, CPU tests and compile report see the same launches):
 
-- Register budget: ``REG_BUDGET = 40960`` fp32 values per program for its
-  ``[R, BC1 + BC2]`` tiles (160 registers per thread at 8 warps). The forward keeps 3
-  tiles (output row, cached input row, input row being resampled; 4 with two cached
-  rows), the backward 4 (cached row, recomputed row, gradient, pending input-gradient
-  row; 6 with two slots), without a LayerNorm 3 / 2 (3). ``R`` is the largest power of
-  two within it, so registers do not grow with ``C``: a wider grid gets fewer positions
-  per program. ``MAX_NORM_CHANNELS = 6144`` keeps ``R >= 1`` for every variant (the
-  PyTorch path takes wider LayerNorm grids).
-- Warps: 4 when the tiles fit 160 registers per thread at 4 warps, else 8.
+- Register budget: ``REG_BUDGET = 40960`` fp32 values per program (160 registers per thread
+  at 8 warps) for its ``[R, BC1 + BC2]`` tiles and its per-channel vectors (LayerNorm
+  weight, bias; ``dweight`` / ``dbias`` partial sums). The forward keeps 3 tiles (output
+  row, cached input row, input row being resampled; 4 with two cached rows), the
+  backward 3 with a LayerNorm (cached row, recomputed row, gradient) plus 1 when it writes
+  the input gradient (the pending input row) and 2 more with two slots; without a
+  LayerNorm 3 / 1-2. A non-power-of-two LayerNorm backward that writes the input gradient
+  and a weight gradient counts one tile more: Triton converts whole tiles between the two
+  channel parts' register layouts there (measured: ``benchmarks/compile_report.py``).
+  ``R`` is the largest power of two within the budget, so registers do not grow with
+  ``C``: a wider grid gets fewer positions per program. ``MAX_NORM_CHANNELS = 6144`` keeps
+  ``R >= 1`` for every variant (the PyTorch path takes wider LayerNorm grids).
+- Warps: 4 when a tile holds at most 2048 values (16 per thread), else 8.
 - Stages: ``num_stages = 2`` (loads of the next input column overlap the arithmetic).
 - Programs: a forward program owns ``s <= R`` output columns of a band of output rows;
   a backward program owns ``s`` output columns of a band of input rows. The planner
@@ -58,10 +62,15 @@ DOT_MIN = 16  # tl.dot needs every dimension >= 16; also the columns per dot ste
 MAX_NORM_CHANNELS = 6144
 PLAN_LIMIT = 1.08
 NUM_STAGES = 2
-_TILES = {  # (direction, layernorm, two cached rows) -> [R, BC] fp32 tiles a program keeps live
-    ("fwd", True, False): 3, ("fwd", True, True): 4, ("fwd", False, False): 3, ("fwd", False, True): 4,
-    ("bwd", True, False): 4, ("bwd", True, True): 6, ("bwd", False, False): 2, ("bwd", False, True): 3,
-}
+
+
+def _tiles(direction: str, norm: bool, two: bool, need_dx: bool) -> int:
+    """``[R, C]`` fp32 tiles a program keeps live (see the module docstring)."""
+    if direction == "fwd":
+        return 4 if two else 3
+    if not norm:
+        return 2 if two else 1
+    return 3 + (1 + (2 if two else 0) if need_dx else 0)
 
 
 @dataclass(frozen=True)
@@ -115,18 +124,21 @@ def channel_parts(C: int, norm: bool) -> Tuple[int, int, bool, int]:
     return bc1, (max(DOT_MIN, next_pow2(rest)) if rest else 1), rest > 0, 1
 
 
-def max_positions(C: int, norm: bool, direction: str, two: bool) -> int:
-    """Largest power-of-two ``R`` whose tiles fit ``REG_BUDGET`` (0: too wide)."""
+def max_positions(C: int, norm: bool, direction: str, two: bool, need_dx: bool, n_vec: int) -> int:
+    """Largest power-of-two ``R`` whose tiles and ``n_vec`` channel vectors fit ``REG_BUDGET``
+    (0: too wide)."""
     bc1, bc2, rest, _ = channel_parts(C, norm)
-    per = _TILES[direction, norm, two] * (bc1 + (bc2 if rest else 0))
-    return pow2_floor(REG_BUDGET // per) if per <= REG_BUDGET else 0
+    ceff = bc1 + (bc2 if rest else 0)
+    tiles = _tiles(direction, norm, two, need_dx) + (1 if rest and direction == "bwd" and need_dx and n_vec > 1 else 0)
+    room = REG_BUDGET // ceff - n_vec
+    return pow2_floor(room // tiles) if room >= tiles else 0
 
 
-def make_tile(C: int, norm: bool, direction: str, two: bool, s: int) -> Tile:
+def make_tile(C: int, norm: bool, direction: str, s: int) -> Tile:
     bc1, bc2, rest, n_ct = channel_parts(C, norm)
     R = next_pow2(s)
-    regs = _TILES[direction, norm, two] * R * (bc1 + (bc2 if rest else 0))
-    return Tile(R, bc1, bc2, rest, n_ct, 4 if regs <= 128 * REGS_PER_THREAD else 8)
+    ceff = bc1 + (bc2 if rest else 0)
+    return Tile(R, bc1, bc2, rest, n_ct, 4 if R * ceff <= 2048 else 8)
 
 
 def _segments(n: int, s: int) -> Tuple[Tuple[int, int], ...]:
@@ -142,6 +154,11 @@ def _span(rng, a: int, b: int) -> int:
     return rng[b - 1][1] - rng[a][0] if b > a else 0
 
 
+def _table_share(s: int, width: int, C: int, es: int) -> float:
+    """Bytes of FMA-path column weights per byte of the column they weigh (0 with tl.dot)."""
+    return 0.0 if next_pow2(s) >= DOT_MIN else 4.0 * width / (C * es)
+
+
 def _pick(cands, target: int):
     """Among ``(programs, ratio, payload)`` within PLAN_LIMIT (else the least bytes): the one
     nearest ``target`` programs (from below), then fewer bytes, then fewer programs."""
@@ -150,10 +167,13 @@ def _pick(cands, target: int):
 
 
 @functools.lru_cache(maxsize=1024)
-def fwd_plan(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, batch: int, sms: int) -> FwdPlan:
-    """The forward launch for ``[B, h, w, C] -> [B, H, W, C]`` on a device with ``sms`` SMs."""
+def fwd_plan(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, batch: int, sms: int,
+             n_vec: int = 2, es: int = 2) -> FwdPlan:
+    """The forward launch for ``[B, h, w, C] -> [B, H, W, C]`` on a device with ``sms`` SMs;
+    ``n_vec``: LayerNorm weight and bias vectors present; ``es``: bytes per element (the FMA
+    path's column weights, 4 bytes per position and column, count against the grid's)."""
     two = two_slots(h, H, mode)
-    r_max = max_positions(C, norm, "fwd", two)
+    r_max = max_positions(C, norm, "fwd", two, False, n_vec)
     if r_max < 1:
         raise ValueError(f"grid_merge: {C} channels with a LayerNorm exceed the Triton kernel's "
                          f"{MAX_NORM_CHANNELS}-channel limit; use backend='torch'")
@@ -165,12 +185,12 @@ def fwd_plan(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, batc
     cands = []
     for s in range(1, min(r_max, W) + 1):
         segs = _segments(W, s)
-        col_cost = sum(_span(cols, a, b) for a, b in segs)
+        col_cost = sum(_span(cols, a, b) * (1 + _table_share(s, b - a, C, es)) for a, b in segs)
         for k in range(1, H + 1):
             cands.append((len(segs) * k * n_ct * batch, (col_cost * row_cost[k - 1] + H * W) / minimal, (s, k)))
     progs, ratio, (s, k) = _pick(cands, target)
     table = tuple((a, b, y0, y1) for y0, y1 in _bands(H, k) for a, b in _segments(W, s))
-    return FwdPlan(make_tile(C, norm, "fwd", two, s), table, ratio)
+    return FwdPlan(make_tile(C, norm, "fwd", s), table, ratio)
 
 
 def _colours(w: int, W: int, mode: str, segs) -> Tuple[Tuple[int, ...], Tuple[Tuple[int, int], ...], int]:
@@ -192,10 +212,11 @@ def _colours(w: int, W: int, mode: str, segs) -> Tuple[Tuple[int, ...], Tuple[Tu
 
 @functools.lru_cache(maxsize=1024)
 def bwd_plan(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, need_dx: bool,
-             batch: int, sms: int) -> BwdPlan:
-    """The backward launches (one per colour) for the grid of :func:`fwd_plan`."""
+             batch: int, sms: int, n_vec: int = 3, es: int = 2) -> BwdPlan:
+    """The backward launches (one per colour) for the grid of :func:`fwd_plan`; ``n_vec``:
+    LayerNorm weight, its gradient's and the bias gradient's partial sums present."""
     two = two_slots(h, H, mode)
-    r_max = max_positions(C, norm, "bwd", two)
+    r_max = max_positions(C, norm, "bwd", two, need_dx, n_vec)
     if r_max < 1:
         raise ValueError(f"grid_merge: {C} channels with a LayerNorm exceed the Triton kernel's "
                          f"{MAX_NORM_CHANNELS}-channel limit; use backend='torch'")
@@ -211,9 +232,9 @@ def bwd_plan(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, need
     for s in range(1, min(r_max, W) + 1):
         segs = _segments(W, s)
         first, emit, m = _colours(w, W, mode, segs)
-        x_cols = sum(_span(cols, a, b) for a, b in segs) if norm else 0
-        dx_cols = sum(e1 - e0 + sum(first[j] != i % m for j in range(e0, e1))
-                      for i, (e0, e1) in enumerate(emit)) if need_dx else 0
+        x_cols = sum(_span(cols, a, b) * (1 + _table_share(s, b - a, C, es)) for a, b in segs) if norm else 0
+        dx_cols = sum((e1 - e0) * (1 + _table_share(s, b - a, C, es)) + sum(first[j] != i % m for j in range(e0, e1))
+                      for i, ((e0, e1), (a, b)) in enumerate(zip(emit, segs))) if need_dx else 0
         per_launch = min(sum(1 for i in range(len(segs)) if i % m == c) for c in range(m))
         for k in range(1, h + 1):
             xr, gr = band_rows[k - 1]
@@ -232,4 +253,4 @@ def bwd_plan(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, need
                     progs.append((x0, x1, e0, e1, r0, r1, ya, yb, slot))
                     slot += 1
         launches.append(tuple(progs))
-    return BwdPlan(make_tile(C, norm, "bwd", two, s), tuple(launches), first, slot, ratio)
+    return BwdPlan(make_tile(C, norm, "bwd", s), tuple(launches), first, slot, ratio)

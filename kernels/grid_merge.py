@@ -115,7 +115,7 @@ def _grid_merge_fwd_kernel(
             tl.store(o2 + rows, acc2.to(out_ptr.dtype.element_ty), mask=xmask[:, None] & m2[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["colour"])  # one binary for every colour
 def _grid_merge_bwd_kernel(
     x_ptr, g_ptr, dx_ptr, w_ptr, dwp_ptr, dbp_ptr,
     rows_idx_ptr, rows_wt_ptr, cols_idx_ptr, cols_wt_ptr, progs_ptr, first_ptr, dense_ptr,
@@ -301,7 +301,8 @@ def forward_launches(grids: Sequence[Tensor], weights: Sequence[Optional[Tensor]
     launches = []
     for x, wt, bs, norm, o in zip(grids, weights, biases, normalize, _out_slices(out, sizes, H * W, layout)):
         _, h, w, C = x.shape
-        pl = fwd_plan(h, w, H, W, C, mode, bool(norm), B, sms)
+        pl = fwd_plan(h, w, H, W, C, mode, bool(norm), B, sms,
+                      int(bool(norm) and wt is not None) + int(bool(norm) and bs is not None), x.element_size())
         t = pl.tile
         r_idx, r_wt = axis_tables(h, H, mode, dev)
         c_idx, c_wt = axis_tables(w, W, mode, dev)
@@ -345,7 +346,7 @@ def backward_launches(grad: Tensor, grids: Sequence[Tensor], weights: Sequence[O
         has_w, has_b = norm and weights[i] is not None, norm and biases[i] is not None
         if not (need_dx[i] or has_w or has_b):
             continue
-        pl = bwd_plan(h, w, H, W, C, mode, norm, bool(need_dx[i]), B, sms)
+        pl = bwd_plan(h, w, H, W, C, mode, norm, bool(need_dx[i]), B, sms, 2 * has_w + has_b, x.element_size())
         t = pl.tile
         dx = torch.empty(x.shape, device=dev, dtype=x.dtype) if need_dx[i] else x
         dwp = torch.empty(B * pl.n_slots, C, device=dev, dtype=torch.float32) if has_w else x
