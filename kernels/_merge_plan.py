@@ -166,20 +166,19 @@ def _pick(cands, target: int):
     return min(ok, key=lambda c: (-min(c[0], target), round(c[1], 6), c[0]))
 
 
+def _too_wide(C: int) -> ValueError:
+    return ValueError(f"grid_merge: {C} channels with a LayerNorm exceed the Triton kernel's "
+                      f"{MAX_NORM_CHANNELS}-channel limit; use backend='torch'")
+
+
 @functools.lru_cache(maxsize=1024)
-def fwd_plan(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, batch: int, sms: int,
-             n_vec: int = 2, es: int = 2) -> FwdPlan:
-    """The forward launch for ``[B, h, w, C] -> [B, H, W, C]`` on a device with ``sms`` SMs;
-    ``n_vec``: LayerNorm weight and bias vectors present; ``es``: bytes per element (the FMA
-    path's column weights, 4 bytes per position and column, count against the grid's)."""
-    two = two_slots(h, H, mode)
-    r_max = max_positions(C, norm, "fwd", two, False, n_vec)
+def _fwd_candidates(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, n_vec: int, es: int):
+    """``(programs per batch item, bytes / minimal bytes, (segment width, bands))`` of every plan."""
+    r_max = max_positions(C, norm, "fwd", two_slots(h, H, mode), False, n_vec)
     if r_max < 1:
-        raise ValueError(f"grid_merge: {C} channels with a LayerNorm exceed the Triton kernel's "
-                         f"{MAX_NORM_CHANNELS}-channel limit; use backend='torch'")
+        raise _too_wide(C)
     cols, rows = tap_ranges(w, W, mode), tap_ranges(h, H, mode)
     n_ct = channel_parts(C, norm)[3]
-    target = max(1, sms)
     minimal = h * w + H * W
     row_cost = [sum(_span(rows, a, b) for a, b in _bands(H, k)) for k in range(1, H + 1)]
     cands = []
@@ -187,16 +186,27 @@ def fwd_plan(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, batc
         segs = _segments(W, s)
         col_cost = sum(_span(cols, a, b) * (1 + _table_share(s, b - a, C, es)) for a, b in segs)
         for k in range(1, H + 1):
-            cands.append((len(segs) * k * n_ct * batch, (col_cost * row_cost[k - 1] + H * W) / minimal, (s, k)))
-    progs, ratio, (s, k) = _pick(cands, target)
+            cands.append((len(segs) * k * n_ct, (col_cost * row_cost[k - 1] + H * W) / minimal, (s, k)))
+    return tuple(cands)
+
+
+def fwd_plan(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, batch: int, sms: int,
+             n_vec: int = 2, es: int = 2) -> FwdPlan:
+    """The forward launch for ``[B, h, w, C] -> [B, H, W, C]`` on a device with ``sms`` SMs;
+    ``n_vec``: LayerNorm weight and bias vectors present; ``es``: bytes per element (the FMA
+    path's column weights, 4 bytes per position and column, count against the grid's)."""
+    cands = _fwd_candidates(h, w, H, W, C, mode, norm, n_vec, es)
+    _, ratio, (s, k) = _pick([(p * batch, r, x) for p, r, x in cands], max(1, sms))
     table = tuple((a, b, y0, y1) for y0, y1 in _bands(H, k) for a, b in _segments(W, s))
     return FwdPlan(make_tile(C, norm, "fwd", s), table, ratio)
 
 
-def _colours(w: int, W: int, mode: str, segs) -> Tuple[Tuple[int, ...], Tuple[Tuple[int, int], ...], int]:
-    """Per input column the first colour writing it, each segment's written columns, colours."""
+@functools.lru_cache(maxsize=4096)
+def _colours(w: int, W: int, mode: str, s: int) -> Tuple[Tuple[int, ...], Tuple[Tuple[int, int], ...], int]:
+    """For segments of ``s`` output columns: per input column the first colour writing it,
+    each segment's written input columns, and the number of colours."""
     cols = tap_ranges(w, W, mode)
-    spans = [(cols[a][0], cols[b - 1][1]) for a, b in segs]
+    spans = [(cols[a][0], cols[b - 1][1]) for a, b in _segments(W, s)]
     touching = [[i for i, (lo, hi) in enumerate(spans) if lo <= j < hi] for j in range(w)]
     m = max(1, max(len(t) for t in touching))
     # columns no output reads (bilinear skips) go to the nearest segment on their left
@@ -211,18 +221,14 @@ def _colours(w: int, W: int, mode: str, segs) -> Tuple[Tuple[int, ...], Tuple[Tu
 
 
 @functools.lru_cache(maxsize=1024)
-def bwd_plan(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, need_dx: bool,
-             batch: int, sms: int, n_vec: int = 3, es: int = 2) -> BwdPlan:
-    """The backward launches (one per colour) for the grid of :func:`fwd_plan`; ``n_vec``:
-    LayerNorm weight, its gradient's and the bias gradient's partial sums present."""
-    two = two_slots(h, H, mode)
-    r_max = max_positions(C, norm, "bwd", two, need_dx, n_vec)
+def _bwd_candidates(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, need_dx: bool,
+                    n_vec: int, es: int):
+    """As :func:`_fwd_candidates`, programs counted per launch (colour)."""
+    r_max = max_positions(C, norm, "bwd", two_slots(h, H, mode), need_dx, n_vec)
     if r_max < 1:
-        raise ValueError(f"grid_merge: {C} channels with a LayerNorm exceed the Triton kernel's "
-                         f"{MAX_NORM_CHANNELS}-channel limit; use backend='torch'")
+        raise _too_wide(C)
     cols, rows = tap_ranges(w, W, mode), tap_ranges(h, H, mode)
     n_ct = channel_parts(C, norm)[3]
-    target = max(1, sms)
     minimal = (h * w if norm else 0) + H * W + (h * w if need_dx else 0)
     band_rows = []
     for k in range(1, h + 1):
@@ -231,18 +237,25 @@ def bwd_plan(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, need
     cands = []
     for s in range(1, min(r_max, W) + 1):
         segs = _segments(W, s)
-        first, emit, m = _colours(w, W, mode, segs)
+        first, emit, m = _colours(w, W, mode, s)
         x_cols = sum(_span(cols, a, b) * (1 + _table_share(s, b - a, C, es)) for a, b in segs) if norm else 0
         dx_cols = sum((e1 - e0) * (1 + _table_share(s, b - a, C, es)) + sum(first[j] != i % m for j in range(e0, e1))
                       for i, ((e0, e1), (a, b)) in enumerate(zip(emit, segs))) if need_dx else 0
         per_launch = min(sum(1 for i in range(len(segs)) if i % m == c) for c in range(m))
         for k in range(1, h + 1):
             xr, gr = band_rows[k - 1]
-            moved = x_cols * xr + gr * W + dx_cols * h
-            cands.append((per_launch * k * n_ct * batch, moved / minimal, (s, k)))
-    _, ratio, (s, k) = _pick(cands, target)
+            cands.append((per_launch * k * n_ct, (x_cols * xr + gr * W + dx_cols * h) / minimal, (s, k)))
+    return tuple(cands)
+
+
+def bwd_plan(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, need_dx: bool,
+             batch: int, sms: int, n_vec: int = 3, es: int = 2) -> BwdPlan:
+    """The backward launches (one per colour) for the grid of :func:`fwd_plan`; ``n_vec``:
+    LayerNorm weight, its gradient's and the bias gradient's partial sums present."""
+    cands = _bwd_candidates(h, w, H, W, C, mode, norm, need_dx, n_vec, es)
+    _, ratio, (s, k) = _pick([(p * batch, r, x) for p, r, x in cands], max(1, sms))
     segs = _segments(W, s)
-    first, emit, m = _colours(w, W, mode, segs)
+    first, emit, m = _colours(w, W, mode, s)
     bands = [(r0, r1) + _covering(h, H, mode, r0, r1) for r0, r1 in _bands(h, k)]
     launches, slot = [], 0
     for c in range(m):

@@ -72,7 +72,7 @@ def _grid_merge_fwd_kernel(
     jhi = tl.load(cols_idx_ptr + 2 * (x1 - 1) + 1)
     c1 = ct * BC1 + tl.arange(0, BC1)  # channels of part 1 (a channel tile without a LayerNorm)
     c2 = BC1 + tl.arange(0, BC2)       # the rest (HAS_REST: LayerNorm of a non-power-of-two C)
-    m1 = (c1 < C) | NORM  # with a LayerNorm, part 1 is channels [0, pow2_floor(C)): all valid
+    m1 = (c1 < C) | HAS_REST  # with a rest, part 1 is channels [0, pow2_floor(C)): all valid
     m2 = c2 < C
     if HAS_W:
         w1 = tl.load(w_ptr + c1, mask=m1, other=0.0).to(tl.float32)
@@ -151,7 +151,7 @@ def _grid_merge_bwd_kernel(
     jhi = tl.load(cols_idx_ptr + 2 * (x1 - 1) + 1)
     c1 = ct * BC1 + tl.arange(0, BC1)
     c2 = BC1 + tl.arange(0, BC2)
-    m1 = (c1 < C) | NORM  # with a LayerNorm, part 1 is channels [0, pow2_floor(C)): all valid
+    m1 = (c1 < C) | HAS_REST  # with a rest, part 1 is channels [0, pow2_floor(C)): all valid
     m2 = c2 < C
     if HAS_W:
         w1 = tl.load(w_ptr + c1, mask=m1, other=0.0).to(tl.float32)
