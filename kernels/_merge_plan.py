@@ -26,14 +26,17 @@ interpreter, CPU tests and compile report see the same launches):
   ``R`` is the largest power of two within the budget, so registers do not grow with
   ``C``: a wider grid gets fewer positions per program. ``MAX_NORM_CHANNELS = 6144`` keeps
   ``R >= 1`` for every variant (the PyTorch path takes wider LayerNorm grids).
-- Warps: 4 when a tile holds at most 2048 values (16 per thread), else 8.
+- Warps: 8 from 1024 values a tile (ptxas spilled a few bytes of 4-warp tiles of 1024
+  values and more, with registers to spare), else 4.
 - Stages: ``num_stages = 2`` (loads of the next input column overlap the arithmetic).
 - Programs: a forward program owns ``s <= R`` output columns of a band of output rows;
   a backward program owns ``s`` output columns of a band of input rows. The planner
   tries every segment width and band count, computes the bytes each moves (the same
   count ``benchmarks/traffic.py`` measures in the interpreter) and takes, among plans
   within ``PLAN_LIMIT = 1.08`` x the minimal bytes, the one that comes closest to one
-  program per SM (all batch items together; ties: fewer bytes, then fewer programs).
+  program per SM (all batch items together; ties: fewer bytes, then fewer programs). The
+  bytes include each program's LayerNorm parameters and ``dweight`` / ``dbias`` partial
+  sums (``C`` floats each), which make many small programs costly.
   On the CPU (no SM count) that is the plan with the fewest bytes.
 
 Overlap. Area windows of a non-integer ratio (27->24, 37->24, 64->24) share their boundary
@@ -138,7 +141,7 @@ def make_tile(C: int, norm: bool, direction: str, s: int) -> Tile:
     bc1, bc2, rest, n_ct = channel_parts(C, norm)
     R = next_pow2(s)
     ceff = bc1 + (bc2 if rest else 0)
-    return Tile(R, bc1, bc2, rest, n_ct, 4 if R * ceff <= 2048 else 8)
+    return Tile(R, bc1, bc2, rest, n_ct, 4 if R * ceff < 1024 else 8)
 
 
 def _segments(n: int, s: int) -> Tuple[Tuple[int, int], ...]:
@@ -186,7 +189,9 @@ def _fwd_candidates(h: int, w: int, H: int, W: int, C: int, mode: str, norm: boo
         segs = _segments(W, s)
         col_cost = sum(_span(cols, a, b) * (1 + _table_share(s, b - a, C, es)) for a, b in segs)
         for k in range(1, H + 1):
-            cands.append((len(segs) * k * n_ct, (col_cost * row_cost[k - 1] + H * W) / minimal, (s, k)))
+            progs = len(segs) * k
+            moved = col_cost * row_cost[k - 1] + H * W + progs * n_vec * 4 / es  # + LayerNorm parameters
+            cands.append((progs * n_ct, moved / minimal, (s, k)))
     return tuple(cands)
 
 
@@ -244,7 +249,8 @@ def _bwd_candidates(h: int, w: int, H: int, W: int, C: int, mode: str, norm: boo
         per_launch = min(sum(1 for i in range(len(segs)) if i % m == c) for c in range(m))
         for k in range(1, h + 1):
             xr, gr = band_rows[k - 1]
-            cands.append((per_launch * k * n_ct, (x_cols * xr + gr * W + dx_cols * h) / minimal, (s, k)))
+            params = len(segs) * k * n_vec * 4 / es  # LayerNorm weight in, dweight / dbias partials out
+            cands.append((per_launch * k * n_ct, (x_cols * xr + gr * W + dx_cols * h + params) / minimal, (s, k)))
     return tuple(cands)
 
 
