@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import io
 import json
 import os
@@ -181,32 +180,51 @@ def _variant_overrides(kind, cfg) -> List[str]:
     return list(kind)
 
 
-@functools.lru_cache(maxsize=None)
-def _encoder_geometry(enc_yaml: str) -> Tuple[int, int, int]:
-    """``(h, w, dim)`` of one encoder config, built once on the CPU with random, uninitialised weights."""
+GEOMETRY_CACHE = RESULTS / "encoder_geometry.json"
+
+
+def _build_geometry(enc_json: str) -> List[int]:
+    """``[h, w, dim]`` of one encoder config, built on the CPU with random, uninitialised weights."""
     from transformers.initialization import no_init_weights
 
     from fusion.config import load_config
     from fusion.encoders.registry import get_encoder_class
 
-    cfg = load_config({"encoders": {"e": json.loads(enc_yaml)}})
-    ec = cfg.encoders["e"]
+    ec = load_config({"encoders": {"e": json.loads(enc_json)}}).encoders["e"]
     with torch.device("cpu"), no_init_weights():
         enc = get_encoder_class(ec.type)(ec, False)
-    return enc.grid[0], enc.grid[1], enc.dim
+    return [enc.grid[0], enc.grid[1], enc.dim]
 
 
-def geometry(cfg) -> Dict[str, Tuple[int, int, int]]:
-    """Encoder name -> ``(h, w, C)`` of its (multi-scale) grid."""
-    geo = {}
-    for name, ec in cfg.encoders.items():
-        raw = {k: v for k, v in ec.__dict__.items() if k not in ("name", "scales") and v is not None}
-        h, w, d = _encoder_geometry(json.dumps(raw, sort_keys=True, default=list))
-        geo[name] = (h, w, d * len(ec.scales or [1]))
-    return geo
+class Geometry:
+    """Encoder config -> ``(h, w, dim)``, cached in ``encoder_geometry.json`` by the whole
+    encoder config (a changed preset misses the cache and is built again). Building the
+    real encoders takes a few GB and ~10 s each; the cache keeps the report and its test
+    from doing it every time."""
+
+    def __init__(self, path: Path = GEOMETRY_CACHE):
+        self.path = path
+        self.table = json.loads(path.read_text()) if path.exists() else {}
+        self.dirty = False
+
+    def __call__(self, cfg) -> Dict[str, Tuple[int, int, int]]:
+        """Encoder name -> ``(h, w, C)`` of its (multi-scale) grid in the tower ``cfg``."""
+        geo = {}
+        for name, ec in cfg.encoders.items():
+            raw = {k: v for k, v in ec.__dict__.items() if k not in ("name", "scales") and v is not None}
+            key = json.dumps(raw, sort_keys=True, default=list)
+            if key not in self.table:
+                self.table[key], self.dirty = _build_geometry(key), True
+            h, w, d = self.table[key]
+            geo[name] = (h, w, d * len(ec.scales or [1]))
+        return geo
+
+    def save(self) -> None:
+        if self.dirty:
+            _atomic_write(self.path, json.dumps(self.table, indent=1, sort_keys=True) + "\n")
 
 
-def preset_calls(presets: Iterable[str]) -> List[Call]:
+def preset_calls(presets: Iterable[str], geometry: "Geometry") -> List[Call]:
     from fusion.config import load_config
 
     calls = []
@@ -359,7 +377,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     targets = [TARGETS[int(a)] for a in args.targets.split(",")]
     dtypes = args.dtypes.split(",")
-    calls = subset_calls() if args.subset else preset_calls(args.presets.split(","))
+    geometry = Geometry()
+    calls = subset_calls() if args.subset else preset_calls(args.presets.split(","), geometry)
+    geometry.save()
     t0 = time.perf_counter()
     rows = run(calls, targets, dtypes, args.all_batches, report=(16,) if args.subset else REPORT_BATCHES)
     csv_path, md_path = write(rows, Path(args.out), args.tag)

@@ -1,8 +1,11 @@
 """grid_merge: the Triton kernels (run by the Triton interpreter on CPU) against fp64 PyTorch.
 
 Forward and backward (grids, LayerNorm weight and bias) are compared with the naive
-PyTorch sequence evaluated in fp64: fp32 within 1e-5, fp16 within 2e-2 (relative to
-max(1, |reference|)). The default run covers every grid size, target, channel count,
+PyTorch sequence evaluated in fp64 on the same (rounded) inputs: fp32 within 1e-5, fp16
+and bf16 within 2e-2 (relative to max(1, |reference|)). The kernels load fp16/bf16 and
+compute in fp32 (the interpreter's bf16 arithmetic would be wrong otherwise); what is
+left is the rounding of the stored outputs (2^-9 for bf16, relative) and, on the tl.dot
+path, the weights rounded to tf32. The default run covers every grid size, target, channel count,
 dtype, batch size, layout and norm variant at least once; `pytest -m slow` runs the
 full cartesian sweep and more random shapes.
 """
@@ -18,7 +21,7 @@ import fusion.kernels  # noqa: F401
 from fusion.kernels import grid_merge, naive_grid_merge
 
 GM = sys.modules["fusion.kernels.grid_merge"]  # the module (the package binds the function)
-TOL = {torch.float32: 1e-5, torch.float16: 2e-2}
+TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
 def assert_close(got, want, tol, what=""):
@@ -98,6 +101,8 @@ CASES = [  # (specs [(h, w, C)], size, mode, dtype, B, norm, style, layout)
     ([(37, 37, 3)], 16, "bilinear", torch.float32, 3, "weight", "contig", "channel"),
     ([(64, 64, 1), (1, 1, 64)], 1, "area", torch.float32, 1, "bias", "sliced", "channel"),
     ([(1, 1, 3), (7, 16, 64)], (7, 12), "area", torch.float32, 1, "mixed", "contig", "channel"),
+    ([(27, 27, 40), (13, 13, 33)], 7, "area", torch.bfloat16, 2, "affine", "nchw", "channel"),
+    ([(5, 5, 16)], 11, "bilinear", torch.bfloat16, 1, "plain", "sliced", "channel"),
 ]
 
 
@@ -136,6 +141,13 @@ def test_multi_program_plans_match_one_program(mode, h, H, most_programs):
     grads = [GM.grid_merge_backward(g, *args, [True], H, H, mode, 1e-5, "channel", sms=sms) for sms in (0, 1000)]
     for a, c in zip(*grads):
         assert_close(c, a, 1e-6, "multi-program backward")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fma_path_low_precision(dtype, most_programs):
+    """The FMA path (fewer than 16 positions a program: wide grids on a GPU), two channel
+    parts, in bf16 and fp16, forward and backward against fp64."""
+    check_merge([(11, 11, 40)], 7, "area", dtype, 1, "affine", "nchw")
 
 
 def test_backward_is_deterministic():
@@ -219,7 +231,7 @@ def test_compile_inductor():
 # --------------------------------------------------------------------------------------
 
 GRIDS, TARGETS, CHANNELS = (1, 7, 16, 24, 27, 37, 64), (1, 7, 12, 16, 24, 32), (1, 3, 64, 257)
-SWEEP = list(itertools.product(GRIDS, TARGETS, CHANNELS, (1, 3), (torch.float32, torch.float16),
+SWEEP = list(itertools.product(GRIDS, TARGETS, CHANNELS, (1, 3), (torch.float32, torch.float16, torch.bfloat16),
                                ("affine", None)))
 
 
