@@ -30,9 +30,9 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Tuple
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_report.py compiles real kernels: run it with TRITON_INTERPRET unset")
@@ -190,7 +190,7 @@ def _build_geometry(enc_json: str) -> List[int]:
     from fusion.config import load_config
     from fusion.encoders.registry import get_encoder_class
 
-    ec = load_config({"encoders": {"e": json.loads(enc_json)}}).encoders["e"]
+    ec = load_config({"encoders": {"e": json.loads(enc_json)}, "projector": {"type": "none"}}).encoders["e"]
     with torch.device("cpu"), no_init_weights():
         enc = get_encoder_class(ec.type)(ec, False)
     return [enc.grid[0], enc.grid[1], enc.dim]

@@ -159,7 +159,7 @@ def _pyramid_bwd_kernel(g_ptr, dx_ptr, tab_ptr, H, W, C, sgb, sgn, sgc, sdb, sdn
 def _blocks(W: int, C: int, KP: int) -> Tuple[int, int]:
     """``(BJ, BC)``: input columns per width product (the whole row when it fits) and channels."""
     BJ = max(DOT_MIN, min(next_pow2(W), 64))
-    BC = max(DOT_MIN, min(next_pow2(C), MAX_BC, TILE_BUDGET // max(KP, BJ)))
+    BC = max(DOT_MIN, min(next_pow2(C), MAX_BC, TILE_BUDGET // KP))
     return BJ, BC
 
 
