@@ -55,6 +55,8 @@ def specialisation(launch, arch: int):
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     kwargs = dict(launch.constexprs, num_warps=launch.num_warps, num_stages=launch.num_stages,
                   debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
+    if launch.maxnreg is not None:
+        kwargs["maxnreg"] = launch.maxnreg
     bound, spec, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
     return signature, constexprs, attrs, options
@@ -64,7 +66,7 @@ def key(launch, arch: int) -> str:
     """Everything that decides the compiled binary (two launches with one key share it)."""
     signature, constexprs, attrs, options = specialisation(launch, arch)
     return repr((launch.kernel.fn.__qualname__, arch, sorted(signature.items()), sorted(constexprs.items()),
-                 sorted(attrs.items()), launch.num_warps, launch.num_stages))
+                 sorted(attrs.items()), launch.num_warps, launch.num_stages, launch.maxnreg))
 
 
 def compile_launch(launch, arch: int) -> Compiled:

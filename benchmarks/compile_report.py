@@ -288,9 +288,11 @@ def _variant(launch) -> str:
 
 def run(calls: List[Call], targets: List[Target], dtypes: List[str], all_batches: bool, log=print,
         report: Tuple[int, ...] = REPORT_BATCHES) -> List[dict]:
-    """One row per (call, launch, dtype, target, reported batch), plus the configurations a
-    GPU may pick at other batches; each distinct binary compiled once."""
+    """One row per (call, launch, dtype, target, reported batch), plus one for each
+    configuration a GPU picks only at another batch (so its failures count); each distinct
+    binary compiled once."""
     compiled: Dict[str, Compiled] = {}
+    reported = set()  # keys with a row: batches 1 and 16, plus the first batch of any other
     rows = []
     for t in targets:
         batches = sorted(set(report) | (set(range(1, t.sms + 1)) if all_batches else set()))
@@ -306,8 +308,9 @@ def run(calls: List[Call], targets: List[Target], dtypes: List[str], all_batches
                             log(f"sm_{t.arch} {dname:<8} {launch.label:<26} {_variant(launch):<60} regs {c.regs:>3} "
                                 f"spill {c.spills:>4} smem {c.shared:>6} warps {c.num_warps} "
                                 f"({time.perf_counter() - t0:.1f} s){'  ' + failure(c, t) if failure(c, t) else ''}")
-                        if B not in report:
-                            continue
+                        if B not in report and k in reported:
+                            continue  # a configuration already in the table
+                        reported.add(k)
                         c = compiled[k]
                         rows.append(dict(
                             workload=call.workload, op=call.op, kernel=launch.label, variant=_variant(launch),

@@ -15,7 +15,7 @@ for those shapes (see ``grid_merge.compile_launches``), and add one workload ent
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,12 @@ class Launch:
     constexprs: Dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 1
+    maxnreg: Optional[int] = None  # ptxas' register cap (None: its own heuristic)
 
     def __call__(self) -> None:
+        extra = {} if self.maxnreg is None else {"maxnreg": self.maxnreg}
         self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
-                               num_stages=self.num_stages)
+                               num_stages=self.num_stages, **extra)
 
     def programs(self) -> int:
         """Programs (thread blocks) launched."""

@@ -23,12 +23,17 @@ interpreter, CPU tests and compile report see the same launches):
   LayerNorm 3 / 1-2. A non-power-of-two LayerNorm backward that writes the input gradient
   and a weight gradient counts one tile more: Triton converts whole tiles between the two
   channel parts' register layouts there (measured: ``benchmarks/compile_report.py``).
+  The ``tl.dot`` path counts two tiles more (its ``[16, BC]`` input tile and the copies
+  of the product in the mma layout).
   ``R`` is the largest power of two within the budget, so registers do not grow with
   ``C``: a wider grid gets fewer positions per program. ``MAX_NORM_CHANNELS = 6144`` keeps
   ``R >= 1`` for every variant (the PyTorch path takes wider LayerNorm grids).
 - Warps: 8 from 1024 values a tile (ptxas spilled a few bytes of 4-warp tiles of 1024
   values and more, with registers to spare), else 4.
 - Stages: ``num_stages = 2`` (loads of the next input column overlap the arithmetic).
+- ``MAXNREG = 255``: without a cap ptxas aims at fewer registers than a program needs
+  (it spilled 184 bytes at 128 registers for 2 x 1024-channel tiles); the cap lets it use
+  what the budget above allows.
 - Programs: a forward program owns ``s <= R`` output columns of a band of output rows;
   a backward program owns ``s`` output columns of a band of input rows. The planner
   tries every segment width and band count, computes the bytes each moves (the same
@@ -65,6 +70,7 @@ DOT_MIN = 16  # tl.dot needs every dimension >= 16; also the columns per dot ste
 MAX_NORM_CHANNELS = 6144
 PLAN_LIMIT = 1.08
 NUM_STAGES = 2
+MAXNREG = 255
 
 
 def _tiles(direction: str, norm: bool, two: bool, need_dx: bool) -> int:
@@ -134,7 +140,10 @@ def max_positions(C: int, norm: bool, direction: str, two: bool, need_dx: bool, 
     ceff = bc1 + (bc2 if rest else 0)
     tiles = _tiles(direction, norm, two, need_dx) + (1 if rest and direction == "bwd" and need_dx and n_vec > 1 else 0)
     room = REG_BUDGET // ceff - n_vec
-    return pow2_floor(room // tiles) if room >= tiles else 0
+    r = pow2_floor(room // tiles) if room >= tiles else 0
+    if r >= DOT_MIN:  # the tl.dot path also holds its [16, BC] input tile and mma-layout copies
+        r = max(DOT_MIN // 2, pow2_floor(room // (tiles + 2)))
+    return r
 
 
 def make_tile(C: int, norm: bool, direction: str, s: int) -> Tile:

@@ -103,7 +103,8 @@ def _match_launch(metric, inv, best, partner, block_a=_MATCH_BLOCK_A, block_b=_M
     n_a, n_b = (N + 1) // 2, N // 2
     return Launch("bipartite.match", _bipartite_match_kernel, (triton.cdiv(n_a, block_a), Bsz),
                   (metric, inv, best, partner, N, n_a, n_b, Cm, *metric.stride()),
-                  dict(BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_K=block_k))
+                  dict(BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_K=block_k), num_warps=4, num_stages=3,
+                  maxnreg=255)  # ptxas' own heuristic spilled 40 B/thread at 168 registers (bf16, sm_90)
 
 
 def _merge_launch(x, sizes, src, offsets, merged, merged_sizes, block_m=_MERGE_BLOCK_M,
@@ -113,7 +114,7 @@ def _merge_launch(x, sizes, src, offsets, merged, merged_sizes, block_m=_MERGE_B
     return Launch("bipartite.gather_merge", _gather_merge_kernel,
                   (triton.cdiv(n_out, block_m), triton.cdiv(C, block_c), Bsz),
                   (x, sizes, src, offsets, merged, merged_sizes, N, n_out, C, *x.stride()),
-                  dict(BLOCK_M=block_m, BLOCK_C=block_c))
+                  dict(BLOCK_M=block_m, BLOCK_C=block_c), num_warps=4, num_stages=3)
 
 
 def _merge_backward_launch(grad, sizes, merged_sizes, src, offsets, grad_x, block_m=_MERGE_BLOCK_M,
@@ -122,7 +123,7 @@ def _merge_backward_launch(grad, sizes, merged_sizes, src, offsets, grad_x, bloc
     return Launch("bipartite.gather_merge_bwd", _gather_merge_backward_kernel,
                   (triton.cdiv(n_out, block_m), triton.cdiv(C, block_c), Bsz),
                   (grad, sizes, merged_sizes, src, offsets, grad_x, src.shape[1], n_out, C, *grad.stride()),
-                  dict(BLOCK_M=block_m, BLOCK_C=block_c))
+                  dict(BLOCK_M=block_m, BLOCK_C=block_c), num_warps=4, num_stages=3)
 
 
 def compile_launches(N: int, C: int, Cm: Optional[int], keep: int, dtype: torch.dtype, batch: int,

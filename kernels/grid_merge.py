@@ -34,7 +34,7 @@ from torch import Tensor
 from . import _validate as V
 from ._canonical import require_canonical
 from ._launch import Launch, run_all
-from ._merge_plan import NUM_STAGES, bwd_plan, fwd_plan
+from ._merge_plan import MAXNREG, NUM_STAGES, bwd_plan, fwd_plan
 from ._plan import axis_tables, dense_table, dot_precision, int_table, out_slices as _out_slices, sm_count, two_slots
 from ._resample_jit import emit_row, layer_norm_stats, load_taps, output_row, zero_row
 from ._triton import HAVE_TRITON, sum_combine as _sum, tl, triton, triton_runs_on
@@ -313,7 +313,7 @@ def forward_launches(grids: Sequence[Tensor], weights: Sequence[Optional[Tensor]
             dict(NORM=bool(norm), HAS_W=bool(norm) and wt is not None, HAS_B=bool(norm) and bs is not None,
                  TWO_SLOTS=two_slots(h, H, mode), R=t.R, BC1=t.BC1, BC2=t.BC2, HAS_REST=t.has_rest,
                  USE_DOT=t.use_dot, BJ=t.BJ, PREC=dot_precision(dtype)),
-            t.warps, NUM_STAGES))
+            t.warps, NUM_STAGES, MAXNREG))
     return out, launches
 
 
@@ -363,7 +363,7 @@ def backward_launches(grad: Tensor, grids: Sequence[Tensor], weights: Sequence[O
                 dict(NORM=norm, HAS_W=has_w, HAS_B=has_b, NEED_DX=bool(need_dx[i]), TWO_SLOTS=two_slots(h, H, mode),
                      R=t.R, BC1=t.BC1, BC2=t.BC2, HAS_REST=t.has_rest, USE_DOT=t.use_dot, BJ=t.BJ,
                      PREC=dot_precision(x.dtype)),
-                t.warps, NUM_STAGES))
+                t.warps, NUM_STAGES, MAXNREG))
     return dxs, dwps, dbps, launches
 
 
