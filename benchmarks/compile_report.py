@@ -314,7 +314,7 @@ def run(calls: List[Call], targets: List[Target], dtypes: List[str], all_batches
                         c = compiled[k]
                         rows.append(dict(
                             workload=call.workload, op=call.op, kernel=launch.label, variant=_variant(launch),
-                            call=str(dict(call.kwargs)), launch=i, dtype=dname, arch=f"sm_{t.arch}", batch=B,
+                            launch=i, dtype=dname, arch=f"sm_{t.arch}", batch=B,
                             regs=c.regs, spill_bytes=c.spills, stack_bytes=c.stack, smem_bytes=c.shared,
                             smem_limit=t.smem_per_block, warps=c.num_warps, stages=c.num_stages,
                             programs=launch.programs(), sms=t.sms, blocks_per_sm=round(launch.programs() / t.sms, 2),
