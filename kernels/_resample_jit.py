@@ -192,3 +192,75 @@ def zero_row(dx_row, sdw64, dc1, m1, dc2, m2, e0, e1, first_ptr, colour, BC1: tl
         if HAS_REST:
             z2 = tl.full((BJ, BC2), 0.0, dx_row.dtype.element_ty)
             tl.store(cols + dc2[None, :], z2, mask=mine[:, None] & m2[None, :])
+
+
+@triton.jit
+def layer_norm_backward(g1, g2, xh1, xh2, rstd, w1, w2, own, m1, m2, C, HAS_W: tl.constexpr,
+                        HAS_B: tl.constexpr, HAS_REST: tl.constexpr):
+    """LayerNorm backward of one output row: ``g*`` the output gradient, ``xh*`` the
+    normalised row, ``w*`` the weight. Returns the gradient before normalisation and this
+    row's ``dweight`` / ``dbias`` contributions of the positions ``own`` marks."""
+    db1 = 0.0
+    db2 = 0.0
+    dw1 = 0.0
+    dw2 = 0.0
+    if HAS_B:
+        db1 = tl.reduce(tl.where(own, g1, 0.0), 0, _sum)
+        db2 = tl.reduce(tl.where(own, g2, 0.0), 0, _sum)
+    if HAS_W:
+        dw1 = tl.reduce(tl.where(own, g1 * xh1, 0.0), 0, _sum)
+        dw2 = tl.reduce(tl.where(own, g2 * xh2, 0.0), 0, _sum)
+        g1 = g1 * w1[None, :]
+        g2 = g2 * w2[None, :]
+    k1 = tl.reduce(g1 * xh1, 1, _sum)
+    k2 = tl.reduce(g1, 1, _sum)
+    if HAS_REST:
+        k1 += tl.reduce(g2 * xh2, 1, _sum)
+        k2 += tl.reduce(g2, 1, _sum)
+    k1 = (k1 / C)[:, None]
+    k2 = (k2 / C)[:, None]
+    g1 = tl.where(m1[None, :], rstd[:, None] * (g1 - k2 - xh1 * k1), 0.0)
+    g2 = tl.where(m2[None, :], rstd[:, None] * (g2 - k2 - xh2 * k1), 0.0)
+    return g1, g2, dw1, dw2, db1, db2
+
+
+@triton.jit
+def push_rows(dx_b, sdh64, sdw64, dc1, m1, dc2, m2, g1, g2, y, H, rlo, rhi, r0, r1, rows_idx_ptr, rows_wt_ptr,
+              p1, p2, q1, q2, pid_a, pid_b, filled, e0, e1, first_ptr, colour, c_lo, c_hi, c_wf, c_wl,
+              TWO_SLOTS: tl.constexpr, BC1: tl.constexpr, BC2: tl.constexpr, HAS_REST: tl.constexpr,
+              USE_DOT: tl.constexpr, BJ: tl.constexpr, PREC: tl.constexpr):
+    """Output row ``y``'s gradient ``g`` (``[R, BC]``) through the transposed row weights into
+    the owned input rows ``[r0, r1)`` of its window. Rows are pending (``(p*, pid_a)``, and
+    ``(q*, pid_b)`` for odd rows with two slots) until no later output row reads them, then
+    written through the transposed column weights (:func:`emit_row`); rows no output reads
+    (bilinear skips) get zeros. Returns the pending state and the first unwritten row."""
+    nxt = tl.load(rows_idx_ptr + 2 * (y + 1), mask=y + 1 < H, other=2147483647)
+    rwf = tl.load(rows_wt_ptr + 2 * y)
+    rwl = tl.load(rows_wt_ptr + 2 * y + 1)
+    for r in range(tl.maximum(rlo, r0), tl.minimum(rhi, r1)):
+        wr = tl.where(r == rhi - 1, rwl, rwf)
+        for rz in range(filled, r):
+            zero_row(dx_b + rz * sdh64, sdw64, dc1, m1, dc2, m2, e0, e1, first_ptr, colour, BC1, BC2, HAS_REST, BJ)
+        filled = tl.maximum(filled, r + 1)
+        done = r < nxt  # no later output row reads r: input-gradient row r is complete
+        keep = tl.where(done, -1, r)
+        if TWO_SLOTS:
+            odd = (r % 2) == 1
+            t1 = wr * g1 + tl.where(r == tl.where(odd, pid_b, pid_a), tl.where(odd, q1, p1), 0.0)
+            t2 = wr * g2 + tl.where(r == tl.where(odd, pid_b, pid_a), tl.where(odd, q2, p2), 0.0)
+            q1 = tl.where(odd, t1, q1)
+            p1 = tl.where(odd, p1, t1)
+            q2 = tl.where(odd, t2, q2)
+            p2 = tl.where(odd, p2, t2)
+            pid_b = tl.where(odd, keep, pid_b)
+            pid_a = tl.where(odd, pid_a, keep)
+        else:
+            t1 = wr * g1 + tl.where(r == pid_a, p1, 0.0)
+            t2 = wr * g2 + tl.where(r == pid_a, p2, 0.0)
+            p1 = t1
+            p2 = t2
+            pid_a = keep
+        if done:
+            emit_row(dx_b + r * sdh64, sdw64, dc1, m1, dc2, m2, t1, t2, e0, e1, first_ptr, colour,
+                     c_lo, c_hi, c_wf, c_wl, HAS_REST, USE_DOT, BJ, PREC)
+    return p1, p2, q1, q2, pid_a, pid_b, filled
