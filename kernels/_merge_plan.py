@@ -26,8 +26,10 @@ interpreter, CPU tests and compile report see the same launches):
   The ``tl.dot`` path counts two tiles more (its ``[16, BC]`` input tile and the copies
   of the product in the mma layout).
   ``R`` is the largest power of two within the budget, so registers do not grow with
-  ``C``: a wider grid gets fewer positions per program. ``MAX_NORM_CHANNELS = 6144`` keeps
-  ``R >= 1`` for every variant (the PyTorch path takes wider LayerNorm grids).
+  ``C``: a wider grid gets fewer positions per program. LayerNorm grids fit up to
+  ``MAX_NORM_CHANNELS = 5120`` channels (4096 for a bilinear enlargement whose grid needs
+  a gradient: two more tiles); :func:`fits` says which, and the PyTorch path takes the
+  others.
 - Warps: 8 from 1024 values a tile (ptxas spilled a few bytes of 4-warp tiles of 1024
   values and more, with registers to spare), else 4.
 - Stages: ``num_stages = 2`` (loads of the next input column overlap the arithmetic).
@@ -67,7 +69,7 @@ REG_BUDGET = 40960
 REGS_PER_THREAD = 160
 NO_NORM_BC = 128
 DOT_MIN = 16  # tl.dot needs every dimension >= 16; also the columns per dot step
-MAX_NORM_CHANNELS = 6144
+MAX_NORM_CHANNELS = 5120
 PLAN_LIMIT = 1.08
 NUM_STAGES = 2
 MAXNREG = 255
@@ -146,6 +148,13 @@ def max_positions(C: int, norm: bool, direction: str, two: bool, need_dx: bool, 
     return r
 
 
+def fits(h: int, H: int, C: int, mode: str, norm: bool, need_dx: bool, n_vec_fwd: int, n_vec_bwd: int) -> bool:
+    """Whether both kernels hold at least one position of ``C`` channels (see the budget)."""
+    two = two_slots(h, H, mode)
+    return (max_positions(C, norm, "fwd", two, False, n_vec_fwd) >= 1
+            and max_positions(C, norm, "bwd", two, need_dx, n_vec_bwd) >= 1)
+
+
 def make_tile(C: int, norm: bool, direction: str, s: int) -> Tile:
     bc1, bc2, rest, n_ct = channel_parts(C, norm)
     R = next_pow2(s)
@@ -179,8 +188,8 @@ def _pick(cands, target: int):
 
 
 def _too_wide(C: int) -> ValueError:
-    return ValueError(f"grid_merge: {C} channels with a LayerNorm exceed the Triton kernel's "
-                      f"{MAX_NORM_CHANNELS}-channel limit; use backend='torch'")
+    return ValueError(f"grid_merge: {C} channels with a LayerNorm exceed what the Triton kernel holds "
+                      f"(up to {MAX_NORM_CHANNELS}, see kernels/_merge_plan.py); use backend='torch'")
 
 
 @functools.lru_cache(maxsize=1024)

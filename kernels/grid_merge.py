@@ -34,7 +34,7 @@ from torch import Tensor
 from . import _validate as V
 from ._canonical import require_canonical
 from ._launch import Launch, run_all
-from ._merge_plan import MAXNREG, NUM_STAGES, bwd_plan, fwd_plan
+from ._merge_plan import MAX_NORM_CHANNELS, MAXNREG, NUM_STAGES, bwd_plan, fits, fwd_plan
 from ._plan import axis_tables, dense_table, dot_precision, int_table, out_slices as _out_slices, sm_count, two_slots
 from ._grid_merge_jit import _grid_merge_bwd_kernel, _grid_merge_fwd_kernel
 from ._triton import HAVE_TRITON, triton_runs_on
@@ -244,6 +244,15 @@ _grid_merge_op.register_autograd(_backward, setup_context=_setup_context)
 # Public API
 # --------------------------------------------------------------------------------------
 
+def _fits(g: Tensor, norm, size: Tuple[int, int], mode: str) -> bool:
+    """Whether the Triton kernels hold a position of ``g``'s channels (always without a norm)."""
+    if norm is None:
+        return True
+    has_w, has_b = norm[0] is not None, norm[1] is not None
+    return all(fits(n, N, g.shape[-1], mode, True, g.requires_grad, has_w + has_b, 2 * has_w + has_b)
+               for n, N in zip(g.shape[1:3], size))
+
+
 def grid_merge(grids: Sequence[Tensor], size: Union[int, Tuple[int, int]], mode: str = "area",
                norms: Optional[Sequence] = None, eps: float = 1e-5, layout: str = "channel",
                backend: str = "auto") -> Tensor:
@@ -276,7 +285,13 @@ def grid_merge(grids: Sequence[Tensor], size: Union[int, Tuple[int, int]], mode:
     be = V.resolve_backend(backend, dev, HAVE_TRITON)
     if be == "triton" and not ok and backend == "triton":
         raise ValueError(V.triton_unavailable(dev, dtype))
-    if be == "torch" or not ok:  # "auto" falls back to PyTorch (e.g. float64 on CUDA)
+    wide = [i for i, (g, nm) in enumerate(zip(grids, norms)) if not _fits(g, nm, (H, W), mode)]
+    if wide and backend == "triton":
+        i = wide[0]
+        raise ValueError(f"grids[{i}] has {grids[i].shape[-1]} channels and a LayerNorm; the Triton kernel holds "
+                         f"up to {MAX_NORM_CHANNELS} ({mode} {tuple(grids[i].shape[1:3])} -> {(H, W)}, "
+                         "kernels/_merge_plan.py); use backend='torch' or 'auto' (which takes the PyTorch path)")
+    if be == "torch" or not ok or wide:  # "auto" falls back to PyTorch (float64, very wide LayerNorms)
         return grid_merge_reference(grids, (H, W), mode, norms, eps, layout)
     none = grids[0].new_empty(0)
     weights = [none if nm is None or nm[0] is None else nm[0] for nm in norms]

@@ -150,6 +150,26 @@ def test_fma_path_low_precision(dtype, most_programs):
     check_merge([(11, 11, 40)], 7, "area", dtype, 1, "affine", "nchw")
 
 
+def test_layernorm_wider_than_the_kernel_is_refused_by_name():
+    """Past MAX_NORM_CHANNELS a LayerNorm grid does not fit the register budget: the Triton
+    backend says so, naming the grid and the limit; the PyTorch path takes it."""
+    MP = sys.modules["fusion.kernels._merge_plan"]
+    C = MP.MAX_NORM_CHANNELS + 1
+    x = torch.randn(1, 2, 2, C, requires_grad=True)  # a trainable encoder: the widest backward
+    norms = [(torch.ones(C), torch.zeros(C))]
+    with pytest.raises(ValueError, match=rf"grids\[0\] has {C} channels.*up to {MP.MAX_NORM_CHANNELS}"):
+        grid_merge([x], 1, norms=norms, backend="triton")
+    want = torch.nn.functional.layer_norm(x.detach().mean((1, 2)), (C,), torch.ones(C))
+    assert_close(grid_merge([x], 1, norms=norms, backend="torch")[:, 0], want, 1e-5, "torch path")
+    # the limit is real: every variant of an area merge holds MAX_NORM_CHANNELS, bilinear
+    # enlargement with a trainable encoder 4096 (two cached rows, two pending rows)
+    for need_dx in (False, True):
+        assert MP.fits(24, 7, MP.MAX_NORM_CHANNELS, "area", True, need_dx, 2, 3)
+    assert not MP.fits(24, 7, MP.MAX_NORM_CHANNELS + 1, "area", True, True, 2, 3)
+    assert MP.fits(7, 24, 4096, "bilinear", True, True, 2, 3)
+    assert not MP.fits(7, 24, 4097, "bilinear", True, True, 2, 3)
+
+
 def test_backward_is_deterministic():
     x = torch.randn(1, 37, 37, 8, requires_grad=True)
     w = torch.randn(8, requires_grad=True)
