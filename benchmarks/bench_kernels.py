@@ -11,11 +11,14 @@ On a CPU: the reference path (what CPU users run) against the naive sequence on 
 same grids, B=16, fp32, with this machine's copy bandwidth measured in the same run.
 
     python benchmarks/bench_kernels.py              # full run for this device
+    python benchmarks/bench_kernels.py --check      # GPU: first check every op against the
+                                                     # reference at the benchmark shapes
     python benchmarks/bench_kernels.py --quick      # a fast sanity run
     python benchmarks/bench_kernels.py --compile    # CPU: add torch.compile(reference) (slow)
     python benchmarks/bench_kernels.py --threads 1  # CPU: one thread (steadier on a busy machine)
-    python benchmarks/bench_kernels.py --ptx-report # registers / spills of the kernels for
-                                                     # sm_90, compiled without a GPU
+
+Registers, spills and shared memory of every launch, compiled for sm_80/86/90 without a
+GPU: ``benchmarks/compile_report.py``.
 """
 import argparse
 import csv
@@ -246,57 +249,69 @@ def plot(rows, out, device_name, copy):
         print(f"wrote {path}")
 
 
-def ptx_report(args):
-    """Compile the kernel variants the vsre shapes launch for ``sm_<arch>`` (no GPU needed)
-    and print ptxas' register and spill counts: a cheap check for register pressure."""
-    import subprocess
-    import tempfile
+CHECK_TOL = {torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4}
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.interpreter import InterpretedFunction
 
-    gm, pp = sys.modules["fusion.kernels.grid_merge"], sys.modules["fusion.kernels.pyramid_pool"]
-    plan = sys.modules["fusion.kernels._plan"]
-    if isinstance(gm._grid_merge_fwd_kernel, InterpretedFunction):
-        sys.exit("--ptx-report compiles real kernels: unset TRITON_INTERPRET")
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+def _worst(got, want):
+    """Worst |got - want| relative to max(1, |want|) (the kernel tests' measure)."""
+    return ((got.double() - want.double()).abs().max() / max(1.0, want.double().abs().max().item())).item()
 
-    def build(fn, types, consts, warps):
-        sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        k = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options={"num_warps": warps})
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(k.asm["ptx"])
-        target = k.asm["ptx"].split(".target")[1].split()[0].strip(",")  # e.g. sm_90a
-        r = subprocess.run([str(ptxas), f"-arch={target}", "-v", f.name, "-o", os.devnull],
-                           capture_output=True, text=True)
-        os.unlink(f.name)
-        regs = [ln.split("Used")[1].split(",")[0].strip() for ln in r.stderr.splitlines() if "Used" in ln]
-        spill = [ln.strip() for ln in r.stderr.splitlines() if "spill" in ln]
-        return f"{regs[0] if regs else '?'}; {spill[0] if spill else ''}"
 
-    for dt in ("fp16", "fp32"):
-        prec = "ieee" if dt == "fp32" else "tf32"
-        ptr = {n: "*" + dt for n in ("x_ptr", "out_ptr", "w_ptr", "b_ptr", "g_ptr", "dx_ptr")}
-        ptr.update({n: "*i32" for n in ("rows_idx_ptr", "cols_idx_ptr", "bands_ptr", "bcols_ptr", "tab_ptr")})
-        ptr.update({n: "*fp32" for n in ("rows_wt_ptr", "cols_wt_ptr", "dwp_ptr", "dbp_ptr")}, eps="fp32")
-        for h, C in VSRE:
-            pl = plan.merge_plan(h, h, TARGET, TARGET, C, "area")
-            two = plan.two_slots(h, TARGET, "area")
-            fw = build(gm._grid_merge_fwd_kernel, ptr, dict(NORM=True, HAS_W=True, HAS_B=True, TWO_SLOTS=two,
-                       BX=pl.BX, BJ=pl.BJF, BC=pl.BC, PREC=prec), plan.num_warps_for(pl.BX * pl.BC))
-            bw = build(gm._grid_merge_bwd_kernel, ptr, dict(NORM=True, HAS_W=True, HAS_B=True, NEED_DX=True,
-                       TWO_SLOTS=two, BXO=pl.BXO, BJO=pl.BJO, BJ=pl.BJB, BC=pl.BC, PREC=prec),
-                       plan.num_warps_for(max(pl.BXO, pl.BJO) * pl.BC))
-            print(f"grid_merge {dt} {h}x{h}x{C}: fwd [{pl.BX}x{pl.BC}] {fw} | bwd [{pl.BXO}x{pl.BC}] {bw}")
-        tab, KP = plan.pyramid_tables(LEVELS, "cpu")
-        BJ, BC = pp._blocks(TARGET, 3456, KP)
-        consts = dict(KP=KP, BJ=BJ, BC=BC, PREC=prec)
-        warps = plan.num_warps_for(KP * BC)
-        print(f"pyramid_pool {dt} [{KP}x{BC}]: fwd {build(pp._pyramid_fwd_kernel, ptr, consts, warps)} | "
-              f"bwd {build(pp._pyramid_bwd_kernel, ptr, consts, warps)}")
+def check_op(op, B, dtype, device):
+    """Triton forward and backward of ``op`` at the benchmark shapes against its reference
+    (PyTorch, fp32 math on the same inputs): ``[(what, worst, tolerance)]``."""
+    impls, inputs, _ = CASES[op](B, dtype, device)
+    out = impls["triton"]()
+    ref = CHECK_REF[op](inputs)
+    go = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, go)
+    want = torch.autograd.grad(ref, inputs, go.float())
+    tol = CHECK_TOL[dtype]
+    res = [(f"{op} fwd", _worst(out, ref), tol)]
+    res += [(f"{op} grad {i}", _worst(a, b), tol) for i, (a, b) in enumerate(zip(got, want))]
+    return res
+
+
+def _merge_ref(inputs):
+    xs, params = inputs[:len(VSRE)], inputs[len(VSRE):]
+    norms = [(params[2 * i].float(), params[2 * i + 1].float()) for i in range(len(VSRE))]
+    return grid_merge_reference([x.float() for x in xs], (TARGET, TARGET), "area", norms, 1e-5, "channel")
+
+
+def _pyramid_ref(inputs):
+    return pyramid_pool_reference(inputs[0].float(), (TARGET, TARGET), LEVELS)
+
+
+CHECK_REF = {"grid_merge": _merge_ref, "pyramid_pool": _pyramid_ref}
+
+
+def check_bipartite(B, dtype, device, N=TARGET * TARGET, C=sum(c for _, c in VSRE)):
+    """ToMe reduction to N/4 tokens: each output equals the size-weighted mean of the inputs
+    the Triton assignment sends there (fp32), and the gradient the rule ``g[a(i)] s_i / S``."""
+    from fusion.kernels import reduce_to
+
+    x = torch.randn(B, N, C, device=device).to(dtype).requires_grad_()
+    merged, sizes, asg = reduce_to(x, x, N // 4, backend="triton")
+    idx = asg[..., None].expand(B, N, C)
+    want = torch.zeros(B, N // 4, C, device=device).scatter_add_(1, idx, x.detach().float()) / sizes[..., None]
+    go = torch.randn_like(merged)
+    gx, = torch.autograd.grad(merged, x, go)
+    gwant = go.float().gather(1, idx) / sizes.gather(1, asg)[..., None]
+    tol = CHECK_TOL[dtype]
+    return [("bipartite reduce_to fwd", _worst(merged, want), tol), ("bipartite reduce_to grad", _worst(gx, gwant), tol)]
+
+
+def run_checks(device, batches, dtypes) -> bool:
+    """Every op against its reference at the benchmark shapes; prints the worst mismatches."""
+    ok = True
+    for dtype in dtypes:
+        for B in batches:
+            rows = [r for op in CASES for r in check_op(op, B, dtype, device)] + check_bipartite(B, dtype, device)
+            for what, worst, tol in rows:
+                flag = "ok" if worst <= tol else "FAIL"
+                ok &= worst <= tol
+                print(f"check {str(dtype).split('.')[-1]:<9} B={B:<3} {what:<26} worst {worst:.2e} (tol {tol:g}) {flag}")
+    return ok
 
 
 def main(argv=None):
@@ -304,14 +319,24 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
     ap.add_argument("--compile", action="store_true", help="CPU: also time torch.compile(reference)")
     ap.add_argument("--out", default="bench_results", help="folder for the CSV and plots")
-    ap.add_argument("--ptx-report", action="store_true", help="compile for --arch without a GPU, print regs")
-    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--check", action="store_true",
+                    help="first compare every op with its reference at the benchmark shapes (exit 1 on a mismatch)")
     ap.add_argument("--threads", type=int, help="CPU: torch.set_num_threads (1 is steadier on a busy machine)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.ptx_report:
-        return ptx_report(args)
+    if args.check:
+        if torch.cuda.is_available():
+            device, batches = torch.device("cuda"), ([4] if args.quick else [1, 16])
+        elif os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: slow, B=1 only
+            device, batches = torch.device("cpu"), [1]
+        else:
+            sys.exit("--check runs the Triton kernels: on a GPU, or on the CPU with TRITON_INTERPRET=1")
+        dtypes = [torch.float16] if args.quick else [torch.float16, torch.bfloat16]
+        if not run_checks(device, batches, dtypes):
+            sys.exit("check failed: a Triton op differs from its reference; not timing it")
+        if device.type == "cpu":
+            return 0
     if torch.cuda.is_available():
         run_gpu(args)
     else:

@@ -12,10 +12,13 @@ hardware-independent check the CI runs (tests/test_traffic.py).
     python benchmarks/traffic.py --json out.json   # also write the rows
 
 Shapes: the vsre grids (CLIP 24x24x1024, SigLIP 27x27x1152, SAM 64x64x256, DINOv2
-37x37x1024) merged to 24x24 with per-grid LayerNorm, then pooled to 12/6/3/1. Batch 1
-(traffic scales linearly with the batch: programs never share a batch item) and real
-channel counts, since the block plan depends on the channel count. Index tables,
-LayerNorm parameters and dweight/dbias partial sums are counted too (as "other").
+24x24x1024 at 336 px) and DINOv2 at 518 px (37x37x1024, a ratio with no clean split)
+merged to 24x24 with per-grid LayerNorm, then pooled to 12/6/3/1. ``grid_merge``'s
+backward is counted twice: with the grid's gradient (trainable encoders) and without it
+(frozen encoders, the presets' default: LayerNorm gradients only). Batch 1 (traffic
+scales linearly with the batch: programs never share a batch item). Index tables,
+column weights, LayerNorm parameters and dweight/dbias partial sums are counted too (as
+"other").
 """
 import argparse
 import json
@@ -23,7 +26,7 @@ import os
 import sys
 import dataclasses
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -33,10 +36,10 @@ from triton.runtime import interpreter as _interp  # noqa: E402
 import fusion.kernels  # noqa: E402,F401
 
 GM = sys.modules["fusion.kernels.grid_merge"]
-GM_plan = sys.modules["fusion.kernels._plan"]
+MP = sys.modules["fusion.kernels._merge_plan"]
 PP = sys.modules["fusion.kernels.pyramid_pool"]
 
-VSRE = [("clip", 24, 1024), ("siglip", 27, 1152), ("sam", 64, 256), ("dino", 37, 1024)]
+VSRE = [("clip", 24, 1024), ("siglip", 27, 1152), ("sam", 64, 256), ("dino", 24, 1024), ("dino@518", 37, 1024)]
 TARGET, LEVELS = 24, [(12, 12), (6, 6), (3, 3), (1, 1)]
 LIMIT = 1.10
 
@@ -107,43 +110,51 @@ def _row(op, what, ctr, minimal):
 
 
 @contextmanager
-def real_geometry(div):
-    """Run grid_merge on ``C / div`` channels with the blocks planned for ``C`` channels.
+def planned(div, policy_batch):
+    """Launch ``grid_merge`` with the plans of the real channel count (``C * div``) and, on a
+    GPU plan (``sms > 0``), of a batch of ``policy_batch``.
 
-    The interpreter's cost grows with the channel count but the traffic *ratio* does
-    not, as long as the launch geometry (column blocks, rows per program, bands) is
-    the one the real channel count gets: the plan is taken for ``C * div`` and only the
-    channel tile is shrunk.
+    The interpreter's cost grows with the channel count but the traffic *ratio* does not,
+    as long as the launch geometry (segments, bands, positions per program, resampling
+    path) is the one the real channel count gets: only the channel tile is shrunk.
     """
-    orig = GM.plan_for
+    orig_f, orig_b = GM.fwd_plan, GM.bwd_plan
 
-    def plan(h, w, H, W, C, mode, batch, sms, bands=None):
-        real = orig(h, w, H, W, C * div, mode, batch, sms, bands)
-        return dataclasses.replace(real, BC=max(real.BC // div, GM_plan.channel_block(C)))
+    def shrunk(tile, C, norm):
+        bc1, bc2, rest, n_ct = MP.channel_parts(C, norm)
+        return dataclasses.replace(tile, BC1=bc1, BC2=bc2, has_rest=rest, n_ct=n_ct)
 
-    GM.plan_for = plan
+    def fwd(h, w, H, W, C, mode, norm, batch, sms, *a):
+        real = orig_f(h, w, H, W, C * div, mode, norm, policy_batch if sms else batch, sms, *a)
+        return dataclasses.replace(real, tile=shrunk(real.tile, C, norm))
+
+    def bwd(h, w, H, W, C, mode, norm, need_dx, batch, sms, *a):
+        real = orig_b(h, w, H, W, C * div, mode, norm, need_dx, policy_batch if sms else batch, sms, *a)
+        return dataclasses.replace(real, tile=shrunk(real.tile, C, norm))
+
+    GM.fwd_plan, GM.bwd_plan = fwd, bwd
     try:
         yield
     finally:
-        GM.plan_for = orig
+        GM.fwd_plan, GM.bwd_plan = orig_f, orig_b
 
 
 def measure(dtype=torch.float16, batch=1, sms=0, policy_batch=16, grids=VSRE, target=TARGET, levels=LEVELS,
             mode="area", channel_div=1):
     """Rows of counted vs minimal bytes for both ops, forward and backward, per grid.
 
-    ``sms > 0`` launches with the row bands a GPU with that many SMs would use for a
-    batch of ``policy_batch`` (0: one band, the CPU plan). ``channel_div > 1`` divides
-    every channel count (for speed) but keeps the launch geometry of the real channel
-    counts (see :func:`real_geometry`).
+    ``sms > 0`` launches with the plan a GPU with that many SMs would use for a batch of
+    ``policy_batch`` (0: the CPU plan, fewest bytes). ``channel_div > 1`` divides every
+    channel count (for speed) but keeps the launch geometry of the real channel counts
+    (see :func:`planned`).
     """
     es = torch.tensor([], dtype=dtype).element_size()
     rows = []
     T = target
     torch.manual_seed(0)
     grids = [(n, h, C // channel_div) for n, h, C in grids]
-    with real_geometry(channel_div) if channel_div > 1 else nullcontext():
-        rows += _merge_rows(dtype, es, batch, sms, policy_batch, grids, T, mode, channel_div)
+    with planned(channel_div, policy_batch):
+        rows += _merge_rows(dtype, es, batch, sms, grids, T, mode)
     C = sum(c for _, _, c in grids)
     n_out = sum(lh * lw for lh, lw in levels)
     t = torch.randn(batch, T * T, C).to(dtype)
@@ -158,32 +169,31 @@ def measure(dtype=torch.float16, batch=1, sms=0, policy_batch=16, grids=VSRE, ta
     return rows
 
 
-def _merge_rows(dtype, es, batch, sms, policy_batch, grids, T, mode, div):
+def _merge_rows(dtype, es, batch, sms, grids, T, mode):
     rows = []
     for name, h, C in grids:
-        base = GM_plan.merge_plan(h, h, T, T, C * div, mode)
-        bands = GM_plan.band_counts(h, T, policy_batch, base.n_cb, len(base.bwd_cols), sms)
         x = torch.randn(batch, h, h, C).to(dtype)
         w, b = torch.randn(C), torch.randn(C)
         with counting() as ctr:
-            GM.grid_merge_forward([x], [w], [b], [True], T, T, mode, 1e-5, "channel", row_blocks=bands)
-        name = f"{name} {h}x{h}x{C}" + (f" bands {bands[0]}/{bands[1]}" if sms else "")
+            GM.grid_merge_forward([x], [w], [b], [True], T, T, mode, 1e-5, "channel", sms=sms)
+        name = f"{name} {h}x{h}x{C}"
         rows.append(_row("grid_merge fwd", name, ctr, (h * h + T * T) * C * es * batch))
         g = torch.randn(batch, T * T, C).to(dtype)
-        with counting() as ctr:
-            GM.grid_merge_backward(g, [x], [w], [b], [True], [True], T, T, mode, 1e-5, "channel",
-                                   row_blocks=bands)
-        rows.append(_row("grid_merge bwd", name, ctr, (2 * h * h + T * T) * C * es * batch))
+        for need_dx, op, minimal in ((True, "grid_merge bwd", 2 * h * h + T * T),
+                                     (False, "grid_merge bwd frozen", h * h + T * T)):
+            with counting() as ctr:
+                GM.grid_merge_backward(g, [x], [w], [b], [True], [need_dx], T, T, mode, 1e-5, "channel", sms=sms)
+            rows.append(_row(op, name, ctr, minimal * C * es * batch))
     return rows
 
 
 def print_rows(rows, title):
     print(title)
-    print(f"{'op':<17} {'grid':<34} {'loaded MB':>10} {'stored MB':>10} {'other kB':>9} "
+    print(f"{'op':<22} {'grid':<29} {'loaded MB':>10} {'stored MB':>10} {'other kB':>9} "
           f"{'minimal MB':>11} {'ratio':>6}")
     for r in rows:
         flag = "" if r["ratio"] <= LIMIT else f"  > {LIMIT}"
-        print(f"{r['op']:<17} {r['grid']:<34} {r['loaded'] / 1e6:>10.3f} {r['stored'] / 1e6:>10.3f} "
+        print(f"{r['op']:<22} {r['grid']:<29} {r['loaded'] / 1e6:>10.3f} {r['stored'] / 1e6:>10.3f} "
               f"{r['other'] / 1e3:>9.1f} {r['minimal'] / 1e6:>11.3f} {r['ratio']:>6.3f}{flag}")
     tot = sum(r["total"] for r in rows)
     mn = sum(r["minimal"] for r in rows)

@@ -37,7 +37,7 @@ Gradients flow to ``x`` only: the decisions are discrete, ``metric`` and ``sizes
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -51,6 +51,7 @@ from .bipartite_reference import (
 )
 
 from ._bipartite_jit import _bipartite_match_kernel, _gather_merge_backward_kernel, _gather_merge_kernel
+from ._launch import Launch
 from ._triton import HAVE_TRITON, triton, triton_runs_on
 
 require_canonical(__name__)  # registering the fusion:: ops twice frees them under live handles
@@ -92,13 +93,64 @@ def _match_triton(metric: torch.Tensor, block_a: int = _MATCH_BLOCK_A, block_b: 
     if n_b == 0:
         return best.fill_(float("-inf")), partner.zero_()
     inv = inverse_norms(metric).contiguous()           # [B, N] fp32: one read of metric
-    grid = (triton.cdiv(n_a, block_a), Bsz)
-    _bipartite_match_kernel[grid](
-        metric, inv, best, partner, N, n_a, n_b, Cm,
-        metric.stride(0), metric.stride(1), metric.stride(2),
-        BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_K=block_k,
-    )
+    _match_launch(metric, inv, best, partner, block_a, block_b, block_k)()
     return best, partner
+
+
+def _match_launch(metric, inv, best, partner, block_a=_MATCH_BLOCK_A, block_b=_MATCH_BLOCK_B,
+                  block_k=_MATCH_BLOCK_K) -> Launch:
+    Bsz, N, Cm = metric.shape
+    n_a, n_b = (N + 1) // 2, N // 2
+    return Launch("bipartite.match", _bipartite_match_kernel, (triton.cdiv(n_a, block_a), Bsz),
+                  (metric, inv, best, partner, N, n_a, n_b, Cm, *metric.stride()),
+                  dict(BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_K=block_k), num_warps=4, num_stages=3,
+                  maxnreg=255)  # ptxas' own heuristic spilled 40 B/thread at 168 registers (bf16, sm_90)
+
+
+def _merge_launch(x, sizes, src, offsets, merged, merged_sizes, block_m=_MERGE_BLOCK_M,
+                  block_c=_MERGE_BLOCK_C) -> Launch:
+    Bsz, N, C = x.shape
+    n_out = offsets.shape[1] - 1
+    return Launch("bipartite.gather_merge", _gather_merge_kernel,
+                  (triton.cdiv(n_out, block_m), triton.cdiv(C, block_c), Bsz),
+                  (x, sizes, src, offsets, merged, merged_sizes, N, n_out, C, *x.stride()),
+                  dict(BLOCK_M=block_m, BLOCK_C=block_c), num_warps=4, num_stages=3)
+
+
+def _merge_backward_launch(grad, sizes, merged_sizes, src, offsets, grad_x, block_m=_MERGE_BLOCK_M,
+                           block_c=_MERGE_BLOCK_C) -> Launch:
+    Bsz, n_out, C = grad.shape
+    return Launch("bipartite.gather_merge_bwd", _gather_merge_backward_kernel,
+                  (triton.cdiv(n_out, block_m), triton.cdiv(C, block_c), Bsz),
+                  (grad, sizes, merged_sizes, src, offsets, grad_x, src.shape[1], n_out, C, *grad.stride()),
+                  dict(BLOCK_M=block_m, BLOCK_C=block_c), num_warps=4, num_stages=3)
+
+
+def compile_launches(N: int, C: int, Cm: Optional[int], keep: int, dtype: torch.dtype, batch: int,
+                     backward: bool = True) -> List[Launch]:
+    """The launches of ``reduce_to`` from ``N`` to ``keep`` tokens of ``C`` channels (metric:
+    ``Cm`` channels, or the tokens themselves when None), on CPU tensors without running
+    anything: for ``benchmarks/compile_report.py``. Each step removes
+    ``min(n - keep, ceil(n / 2))`` tokens, as :func:`reduce_to` does."""
+    launches, n = [], N
+    while n > keep:
+        r = min(n - keep, (n + 1) // 2)
+        x = torch.empty(batch, n, C, dtype=dtype)
+        metric = x if Cm is None else torch.empty(batch, n, Cm, dtype=dtype)
+        n_a = (n + 1) // 2
+        launches.append(_match_launch(metric, torch.empty(batch, n), torch.empty(batch, n_a),
+                                      torch.empty(batch, n_a, dtype=torch.int64)))
+        sizes, src = torch.empty(batch, n), torch.empty(batch, n, dtype=torch.int64)
+        offsets = torch.empty(batch, n - r + 1, dtype=torch.int64)
+        merged, merged_sizes = torch.empty(batch, n - r, C, dtype=dtype), torch.empty(batch, n - r)
+        launches.append(_merge_launch(x, sizes, src, offsets, merged, merged_sizes))
+        if Cm is not None:  # the metric is merged with the same assignment
+            launches.append(_merge_launch(metric, sizes, src, offsets, torch.empty(batch, n - r, Cm, dtype=dtype),
+                                          merged_sizes))
+        if backward:
+            launches.append(_merge_backward_launch(merged, sizes, merged_sizes, src, offsets, torch.empty_like(x)))
+        n -= r
+    return launches
 
 
 def _merge_triton(x: torch.Tensor, sizes: torch.Tensor, src: torch.Tensor, offsets: torch.Tensor,
@@ -118,12 +170,7 @@ def _merge_triton(x: torch.Tensor, sizes: torch.Tensor, src: torch.Tensor, offse
     merged_sizes = torch.empty((Bsz, n_out), dtype=torch.float32, device=x.device)
     if merged.numel() == 0:
         return merged, merged_sizes.zero_()
-    grid = (triton.cdiv(n_out, block_m), triton.cdiv(C, block_c), Bsz)
-    _gather_merge_kernel[grid](
-        x, sizes, src, offsets, merged, merged_sizes, N, n_out, C,
-        x.stride(0), x.stride(1), x.stride(2),
-        BLOCK_M=block_m, BLOCK_C=block_c,
-    )
+    _merge_launch(x, sizes, src, offsets, merged, merged_sizes, block_m, block_c)()
     return merged, merged_sizes
 
 
@@ -140,12 +187,7 @@ def _merge_backward_triton(grad: torch.Tensor, sizes: torch.Tensor, merged_sizes
     grad_x = torch.empty((Bsz, N, C), dtype=dtype, device=grad.device)
     if grad_x.numel() == 0:
         return grad_x
-    grid = (triton.cdiv(n_out, block_m), triton.cdiv(C, block_c), Bsz)
-    _gather_merge_backward_kernel[grid](
-        grad, sizes, merged_sizes, src, offsets, grad_x, N, n_out, C,
-        grad.stride(0), grad.stride(1), grad.stride(2),
-        BLOCK_M=block_m, BLOCK_C=block_c,
-    )
+    _merge_backward_launch(grad, sizes, merged_sizes, src, offsets, grad_x, block_m, block_c)()
     return grad_x
 
 

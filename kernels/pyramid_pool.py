@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import _validate as V
 from ._canonical import require_canonical
+from ._launch import Launch
 from ._plan import DOT_MIN, TILE_BUDGET, dot_precision, next_pow2, num_warps_for, pyramid_tables
 from ._triton import HAVE_TRITON, tl, triton, triton_runs_on
 from .reference import pyramid_pool_reference
@@ -29,6 +30,7 @@ from .reference import pyramid_pool_reference
 require_canonical(__name__)  # registering the fusion:: ops twice frees them under live handles
 
 MAX_BC = 64  # channels per program: B*C/64 programs; spill-free [32, 64] tiles on sm_90 (ptxas)
+NUM_STAGES = 3  # Triton's default; the compile report shows its shared memory
 # Per-row index math is written inline rather than as a @triton.jit helper: the Triton
 # interpreter (CPU tests, traffic counts) re-patches triton.language on every nested
 # @jit call, milliseconds each. Once-per-program helpers (_level_columns) are fine.
@@ -157,7 +159,7 @@ def _pyramid_bwd_kernel(g_ptr, dx_ptr, tab_ptr, H, W, C, sgb, sgn, sgc, sdb, sdn
 def _blocks(W: int, C: int, KP: int) -> Tuple[int, int]:
     """``(BJ, BC)``: input columns per width product (the whole row when it fits) and channels."""
     BJ = max(DOT_MIN, min(next_pow2(W), 64))
-    BC = max(DOT_MIN, min(next_pow2(C), MAX_BC, TILE_BUDGET // max(KP, BJ)))
+    BC = max(DOT_MIN, min(next_pow2(C), MAX_BC, TILE_BUDGET // KP))
     return BJ, BC
 
 
@@ -165,30 +167,50 @@ def _pairs(levels: Sequence[int]) -> List[Tuple[int, int]]:
     return [(levels[i], levels[i + 1]) for i in range(0, len(levels), 2)]
 
 
-def pyramid_pool_forward(tokens: Tensor, H: int, W: int, levels: Sequence[Tuple[int, int]]) -> Tensor:
-    """Triton forward: ``[B, H*W, C]`` -> ``[B, sum l_h*l_w, C]``."""
+def forward_launch(tokens: Tensor, H: int, W: int, levels: Sequence[Tuple[int, int]]) -> Tuple[Tensor, Launch]:
+    """The pooled output ``[B, sum l_h*l_w, C]`` (allocated) and the launch that writes it."""
     B, _, C = tokens.shape
     tab, KP = pyramid_tables(levels, tokens.device)
     BJ, BC = _blocks(W, C, KP)
     out = torch.empty(B, sum(lh * lw for lh, lw in levels), C, device=tokens.device, dtype=tokens.dtype)
-    _pyramid_fwd_kernel[(triton.cdiv(C, BC), B)](
-        tokens, out, tab, H, W, C, *tokens.stride(), *out.stride(),
-        KP=KP, BJ=BJ, BC=BC, PREC=dot_precision(tokens.dtype),
-        num_warps=num_warps_for(KP * BC))
+    return out, Launch("pyramid_pool.fwd", _pyramid_fwd_kernel, (triton.cdiv(C, BC), B),
+                       (tokens, out, tab, H, W, C, *tokens.stride(), *out.stride()),
+                       dict(KP=KP, BJ=BJ, BC=BC, PREC=dot_precision(tokens.dtype)), num_warps_for(KP * BC), NUM_STAGES)
+
+
+def backward_launch(grad: Tensor, H: int, W: int, levels: Sequence[Tuple[int, int]]) -> Tuple[Tensor, Launch]:
+    """The input gradient ``[B, H*W, C]`` (allocated) and the launch that writes it."""
+    B, _, C = grad.shape
+    tab, KP = pyramid_tables(levels, grad.device)
+    BJ, BC = _blocks(W, C, KP)
+    dx = torch.empty(B, H * W, C, device=grad.device, dtype=grad.dtype)
+    return dx, Launch("pyramid_pool.bwd", _pyramid_bwd_kernel, (triton.cdiv(C, BC), B),
+                      (grad, dx, tab, H, W, C, *grad.stride(), *dx.stride()),
+                      dict(KP=KP, BJ=BJ, BC=BC, PREC=dot_precision(grad.dtype)), num_warps_for(KP * BC), NUM_STAGES)
+
+
+def pyramid_pool_forward(tokens: Tensor, H: int, W: int, levels: Sequence[Tuple[int, int]]) -> Tensor:
+    """Triton forward: ``[B, H*W, C]`` -> ``[B, sum l_h*l_w, C]``."""
+    out, launch = forward_launch(tokens, H, W, levels)
+    launch()
     return out
 
 
 def pyramid_pool_backward(grad: Tensor, H: int, W: int, levels: Sequence[Tuple[int, int]]) -> Tensor:
     """Triton backward: ``[B, sum l_h*l_w, C]`` -> ``[B, H*W, C]``."""
-    B, _, C = grad.shape
-    tab, KP = pyramid_tables(levels, grad.device)
-    BJ, BC = _blocks(W, C, KP)
-    dx = torch.empty(B, H * W, C, device=grad.device, dtype=grad.dtype)
-    _pyramid_bwd_kernel[(triton.cdiv(C, BC), B)](
-        grad, dx, tab, H, W, C, *grad.stride(), *dx.stride(),
-        KP=KP, BJ=BJ, BC=BC, PREC=dot_precision(grad.dtype),
-        num_warps=num_warps_for(KP * BC))
+    dx, launch = backward_launch(grad, H, W, levels)
+    launch()
     return dx
+
+
+def compile_launches(grid: Tuple[int, int], C: int, levels: Sequence[Tuple[int, int]], dtype: torch.dtype,
+                     batch: int) -> List[Launch]:
+    """Forward and backward launches of ``pyramid_pool`` on ``[batch, H*W, C]`` CPU tensors
+    (nothing runs), for ``benchmarks/compile_report.py``."""
+    H, W = grid
+    tokens = torch.empty(batch, H * W, C, dtype=dtype)
+    out, fwd = forward_launch(tokens, H, W, levels)
+    return [fwd, backward_launch(torch.empty_like(out), H, W, levels)[1]]
 
 
 # --------------------------------------------------------------------------------------

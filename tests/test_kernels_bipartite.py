@@ -191,6 +191,10 @@ def test_triton_forward_backward_vs_reference(dtype):
           f"worst bwd {worst(grads['torch'], grads['triton']):.2e}")
     torch.testing.assert_close(outs["triton"][0], outs["torch"][0], atol=tol, rtol=tol)
     torch.testing.assert_close(grads["triton"], grads["torch"], atol=tol, rtol=tol)
+    # forward against the fp64 oracle on the same (rounded) inputs
+    want_merged, want_sizes, want_asg, _ = tome_oracle(x, metric, r, sizes)
+    assert torch.equal(outs["triton"][2], want_asg)
+    torch.testing.assert_close(outs["triton"][0].double(), want_merged, atol=tol, rtol=tol)
     # backward against the rule grad_x[i] = g[assignment[i]] * s_i / S_assignment[i]
     asg, s_out = outs["torch"][2], outs["torch"][1]
     want = g_out.double().gather(1, asg[..., None].expand(B, N, C)) * (sizes / s_out.gather(1, asg))[..., None]

@@ -1,8 +1,11 @@
 """grid_merge: the Triton kernels (run by the Triton interpreter on CPU) against fp64 PyTorch.
 
 Forward and backward (grids, LayerNorm weight and bias) are compared with the naive
-PyTorch sequence evaluated in fp64: fp32 within 1e-5, fp16 within 2e-2 (relative to
-max(1, |reference|)). The default run covers every grid size, target, channel count,
+PyTorch sequence evaluated in fp64 on the same (rounded) inputs: fp32 within 1e-5, fp16
+and bf16 within 2e-2 (relative to max(1, |reference|)). The kernels load fp16/bf16 and
+compute in fp32 (the interpreter's bf16 arithmetic would be wrong otherwise); what is
+left is the rounding of the stored outputs (2^-9 for bf16, relative) and, on the tl.dot
+path, the weights rounded to tf32. The default run covers every grid size, target, channel count,
 dtype, batch size, layout and norm variant at least once; `pytest -m slow` runs the
 full cartesian sweep and more random shapes.
 """
@@ -18,7 +21,7 @@ import fusion.kernels  # noqa: F401
 from fusion.kernels import grid_merge, naive_grid_merge
 
 GM = sys.modules["fusion.kernels.grid_merge"]  # the module (the package binds the function)
-TOL = {torch.float32: 1e-5, torch.float16: 2e-2}
+TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
 def assert_close(got, want, tol, what=""):
@@ -98,6 +101,8 @@ CASES = [  # (specs [(h, w, C)], size, mode, dtype, B, norm, style, layout)
     ([(37, 37, 3)], 16, "bilinear", torch.float32, 3, "weight", "contig", "channel"),
     ([(64, 64, 1), (1, 1, 64)], 1, "area", torch.float32, 1, "bias", "sliced", "channel"),
     ([(1, 1, 3), (7, 16, 64)], (7, 12), "area", torch.float32, 1, "mixed", "contig", "channel"),
+    ([(27, 27, 40), (13, 13, 33)], 7, "area", torch.bfloat16, 2, "affine", "nchw", "channel"),
+    ([(5, 5, 16)], 11, "bilinear", torch.bfloat16, 1, "plain", "sliced", "channel"),
 ]
 
 
@@ -111,19 +116,58 @@ def test_frozen_grids_only_norm_grads():
     check_merge([(27, 27, 16), (24, 24, 8)], 24, norm="affine", grad_grids=False)
 
 
-@pytest.mark.parametrize("mode,h,H", [("area", 27, 24), ("bilinear", 9, 24), ("bilinear", 13, 5)])
-def test_row_bands_match_single_band(mode, h, H):
-    """Row bands (used on GPUs for small batches) change the launch, not the result."""
-    x = torch.randn(2, h, h, 5)
+@pytest.fixture
+def most_programs(monkeypatch):
+    """Plans with as many programs as possible, whatever they re-read: one-column
+    segments (``R = 1``: the FMA path), one-row bands, shared backward columns written
+    colour by colour."""
+    MP = sys.modules["fusion.kernels._merge_plan"]
+    monkeypatch.setattr(MP, "_pick", lambda cands, target: min(cands, key=lambda c: (c[2][0], -c[2][1])))
+    yield MP
+
+
+@pytest.mark.parametrize("mode,h,H", [("area", 11, 7), ("bilinear", 4, 11), ("bilinear", 13, 5)])
+def test_multi_program_plans_match_one_program(mode, h, H, most_programs):
+    """The plans a GPU gets (column segments, row bands, backward colours) change the
+    launch, not the result: the most-programs plan against the one-program CPU plan."""
+    x = torch.randn(1, h, h, 5)
     w, b = torch.randn(5), torch.randn(5)
-    g = torch.randn(2, H * H, 5)
+    g = torch.randn(1, H * H, 5)
     args = ([x], [w], [b], [True])
-    outs = [GM.grid_merge_forward(*args, H, H, mode, 1e-5, "channel", row_blocks=(rb, rb)) for rb in (1, 3)]
-    assert torch.equal(outs[0], outs[1])
-    grads = [GM.grid_merge_backward(g, *args, [True], H, H, mode, 1e-5, "channel", row_blocks=(rb, rb))
-             for rb in (1, 3)]
+    many = most_programs.bwd_plan(h, h, H, H, 5, mode, True, True, 1, 1000)
+    assert many.tile.R == 1 and (len(many.launches) > 1 or mode == "bilinear" and H < h), many.tile
+    outs = [GM.grid_merge_forward(*args, H, H, mode, 1e-5, "channel", sms=sms) for sms in (0, 1000)]
+    assert_close(outs[1], outs[0], 1e-6, "multi-program forward")
+    grads = [GM.grid_merge_backward(g, *args, [True], H, H, mode, 1e-5, "channel", sms=sms) for sms in (0, 1000)]
     for a, c in zip(*grads):
-        assert_close(a, c, 1e-6, "banded backward")
+        assert_close(c, a, 1e-6, "multi-program backward")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fma_path_low_precision(dtype, most_programs):
+    """The FMA path (fewer than 16 positions a program: wide grids on a GPU), two channel
+    parts, in bf16 and fp16, forward and backward against fp64."""
+    check_merge([(11, 11, 40)], 7, "area", dtype, 1, "affine", "nchw")
+
+
+def test_layernorm_wider_than_the_kernel_is_refused_by_name():
+    """Past MAX_NORM_CHANNELS a LayerNorm grid does not fit the register budget: the Triton
+    backend says so, naming the grid and the limit; the PyTorch path takes it."""
+    MP = sys.modules["fusion.kernels._merge_plan"]
+    C = MP.MAX_NORM_CHANNELS + 1
+    x = torch.randn(1, 2, 2, C, requires_grad=True)  # a trainable encoder: the widest backward
+    norms = [(torch.ones(C), torch.zeros(C))]
+    with pytest.raises(ValueError, match=rf"grids\[0\] has {C} channels.*up to {MP.MAX_NORM_CHANNELS}"):
+        grid_merge([x], 1, norms=norms, backend="triton")
+    want = torch.nn.functional.layer_norm(x.detach().mean((1, 2)), (C,), torch.ones(C))
+    assert_close(grid_merge([x], 1, norms=norms, backend="torch")[:, 0], want, 1e-5, "torch path")
+    # the limit is real: every variant of an area merge holds MAX_NORM_CHANNELS, bilinear
+    # enlargement with a trainable encoder 4096 (two cached rows, two pending rows)
+    for need_dx in (False, True):
+        assert MP.fits(24, 7, MP.MAX_NORM_CHANNELS, "area", True, need_dx, 2, 3)
+    assert not MP.fits(24, 7, MP.MAX_NORM_CHANNELS + 1, "area", True, True, 2, 3)
+    assert MP.fits(7, 24, 4096, "bilinear", True, True, 2, 3)
+    assert not MP.fits(7, 24, 4097, "bilinear", True, True, 2, 3)
 
 
 def test_backward_is_deterministic():
@@ -207,7 +251,7 @@ def test_compile_inductor():
 # --------------------------------------------------------------------------------------
 
 GRIDS, TARGETS, CHANNELS = (1, 7, 16, 24, 27, 37, 64), (1, 7, 12, 16, 24, 32), (1, 3, 64, 257)
-SWEEP = list(itertools.product(GRIDS, TARGETS, CHANNELS, (1, 3), (torch.float32, torch.float16),
+SWEEP = list(itertools.product(GRIDS, TARGETS, CHANNELS, (1, 3), (torch.float32, torch.float16, torch.bfloat16),
                                ("affine", None)))
 
 

@@ -26,21 +26,32 @@ def _run(args, tmp_path):
     return json.loads(out.read_text()), proc.stdout
 
 
+# The one launch that moves more: grid_merge's backward when SigLIP's encoder is trainable
+# (it writes SigLIP's gradient). Without spilling registers a program holds 4 positions x
+# 1152 channels there (4 tiles, two channel parts, see kernels/_merge_plan.py); 27 -> 24
+# windows split cleanly only every 8 columns, so segments of 4 re-read a shared column and
+# add a shared gradient column colour by colour: 1.14x. Frozen encoders (every preset's
+# default) and the forward hold 8 positions and stay within 1.10.
+REGISTER_LIMITED = {("grid_merge bwd", "siglip 27x27x1152"): 1.15}
+
+
 def test_vsre_traffic_within_limit(tmp_path):
-    # channels / 8 for interpreter speed; the launch geometry is that of the real channels
-    rows, table = _run(["--channel-div", "8"], tmp_path)
-    assert len(rows) == 10, table
+    rows, table = _run([], tmp_path)
+    assert len(rows) == 17, table
     for r in rows:
         # >= 1: every input byte is needed (area), so a smaller count means the hooks broke
-        assert 1.0 <= r["ratio"] <= LIMIT, f"{r['op']} {r['grid']}: ratio {r['ratio']:.3f}\n{table}"
+        limit = REGISTER_LIMITED.get((r["op"], r["grid"]), LIMIT)
+        assert 1.0 <= r["ratio"] <= limit, f"{r['op']} {r['grid']}: ratio {r['ratio']:.3f}\n{table}"
 
 
 @pytest.mark.slow
-def test_vsre_traffic_real_channels_and_gpu_bands(tmp_path):
-    for args in ([], ["--sms", "132", "--policy-batch", "4"], ["--mode", "bilinear", "--channel-div", "8"]):
+def test_vsre_traffic_gpu_plans_and_bilinear(tmp_path):
+    for args in (["--sms", "132", "--policy-batch", "1"], ["--sms", "132", "--policy-batch", "16"],
+                 ["--mode", "bilinear"]):
         rows, table = _run(args, tmp_path)
-        worst = max(rows, key=lambda r: r["ratio"])
-        assert worst["ratio"] <= LIMIT, f"{args}: {worst['op']} {worst['grid']} {worst['ratio']:.3f}\n{table}"
+        for r in rows:
+            limit = REGISTER_LIMITED.get((r["op"], r["grid"]), LIMIT)
+            assert r["ratio"] <= limit, f"{args}: {r['op']} {r['grid']} {r['ratio']:.3f}\n{table}"
 
 
 def test_counter_sees_a_re_read():

@@ -1,0 +1,199 @@
+"""The two Triton kernels of :mod:`.grid_merge`; their design is in that module's docstring,
+the block sizes and plans in :mod:`._merge_plan`, the shared pieces in :mod:`._resample_jit`.
+
+Layouts: a grid ``[B, h, w, C]`` (any strides), the output slice ``[B, H*W, C]``. A program
+holds ``[R, BC1]`` (+ ``[R, BC2]``) fp32 tiles: ``R`` positions of one output row x channels.
+Loads are cast to fp32 before any arithmetic (the interpreter's bf16 math needs it; the
+sums run in fp32 anyway).
+"""
+from ._resample_jit import layer_norm_backward, layer_norm_stats, load_taps, output_row, push_rows, zero_row
+from ._triton import tl, triton
+
+
+@triton.jit
+def _grid_merge_fwd_kernel(
+    x_ptr, out_ptr, w_ptr, b_ptr, rows_idx_ptr, rows_wt_ptr, cols_idx_ptr, cols_wt_ptr, progs_ptr, dense_ptr,
+    W, w_in, C, n_ct, eps, sxb, sxh, sxw, sxc, sob, son, soc,
+    NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, TWO_SLOTS: tl.constexpr,
+    R: tl.constexpr, BC1: tl.constexpr, BC2: tl.constexpr, HAS_REST: tl.constexpr,
+    USE_DOT: tl.constexpr, BJ: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    ct = pid % n_ct
+    prog = progs_ptr + 4 * (pid // n_ct)
+    x0 = tl.load(prog)
+    x1 = tl.load(prog + 1)
+    y0 = tl.load(prog + 2)
+    y1 = tl.load(prog + 3)
+    offs_x = x0 + tl.arange(0, R)
+    xmask = offs_x < x1
+    if USE_DOT:
+        c_lo, c_hi, c_wf, c_wl = load_taps(cols_idx_ptr, cols_wt_ptr, offs_x, xmask)
+    else:  # FMA path: weights of column j for the R positions come from the dense [W + 1, w]
+        c_lo = 0  # table; positions outside the segment read its last row, all zeros
+        c_hi = dense_ptr
+        c_wf = tl.where(xmask, offs_x, W) * w_in
+        c_wl = 0
+    jlo = tl.load(cols_idx_ptr + 2 * x0)
+    jhi = tl.load(cols_idx_ptr + 2 * (x1 - 1) + 1)
+    c1 = ct * BC1 + tl.arange(0, BC1)  # channels of part 1 (a channel tile without a LayerNorm)
+    c2 = BC1 + tl.arange(0, BC2)       # the rest (HAS_REST: LayerNorm of a non-power-of-two C)
+    m1 = (c1 < C) | HAS_REST  # with a rest, part 1 is channels [0, pow2_floor(C)): all valid
+    m2 = c2 < C
+    if HAS_W:
+        w1 = tl.load(w_ptr + c1, mask=m1, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + c2, mask=m2, other=0.0).to(tl.float32)
+    if HAS_B:
+        v1 = tl.load(b_ptr + c1, mask=m1, other=0.0).to(tl.float32)
+        v2 = tl.load(b_ptr + c2, mask=m2, other=0.0).to(tl.float32)
+    x_b = x_ptr + b * sxb
+    sxh64 = b * 0 + sxh
+    sxw64 = b * 0 + sxw
+    W64 = b * 0 + W  # int64 index math: no overflow, no interpreter overflow checks
+    oc1 = c1 * sxc
+    oc2 = c2 * sxc
+    o1 = out_ptr + b * sob + (c1.to(tl.int64) * soc)[None, :]
+    o2 = out_ptr + b * sob + (c2.to(tl.int64) * soc)[None, :]
+    a1 = tl.full((R, BC1), 0.0, tl.float32)  # cached resampled input rows (slots a, b)
+    a2 = tl.full((R, BC2), 0.0, tl.float32)
+    b1 = tl.full((R, BC1), 0.0, tl.float32)
+    b2 = tl.full((R, BC2), 0.0, tl.float32)
+    id_a = y0 * 0 - 1
+    id_b = y0 * 0 - 1
+    for y in range(y0, y1):
+        acc1, acc2, a1, a2, id_a, b1, b2, id_b = output_row(
+            x_b, sxh64, sxw64, oc1, m1, oc2, m2, y, rows_idx_ptr, rows_wt_ptr, jlo, jhi,
+            c_lo, c_hi, c_wf, c_wl, a1, a2, id_a, b1, b2, id_b, TWO_SLOTS, R, BC1, BC2, HAS_REST,
+                USE_DOT, BJ, PREC)
+        if NORM:
+            acc1, acc2, rstd = layer_norm_stats(acc1, acc2, m1, m2, C, eps, HAS_REST)
+            acc1 = acc1 * rstd[:, None]
+            acc2 = acc2 * rstd[:, None]
+            if HAS_W:
+                acc1 = acc1 * w1[None, :]
+                acc2 = acc2 * w2[None, :]
+            if HAS_B:
+                acc1 = acc1 + v1[None, :]
+                acc2 = acc2 + v2[None, :]
+        rows = ((y * W64 + offs_x) * son)[:, None]
+        tl.store(o1 + rows, acc1.to(out_ptr.dtype.element_ty), mask=xmask[:, None] & m1[None, :])
+        if HAS_REST:
+            tl.store(o2 + rows, acc2.to(out_ptr.dtype.element_ty), mask=xmask[:, None] & m2[None, :])
+
+
+@triton.jit(do_not_specialize=["colour"])  # one binary for every colour
+def _grid_merge_bwd_kernel(
+    x_ptr, g_ptr, dx_ptr, w_ptr, dwp_ptr, dbp_ptr,
+    rows_idx_ptr, rows_wt_ptr, cols_idx_ptr, cols_wt_ptr, progs_ptr, first_ptr, dense_ptr,
+    H, W, w_in, C, n_ct, n_slots, colour, eps,
+    sxb, sxh, sxw, sxc, sgb, sgn, sgc, sdb, sdh, sdw, sdc,
+    NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, NEED_DX: tl.constexpr,
+    TWO_SLOTS: tl.constexpr, R: tl.constexpr, BC1: tl.constexpr, BC2: tl.constexpr,
+    HAS_REST: tl.constexpr, USE_DOT: tl.constexpr, BJ: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    ct = pid % n_ct
+    prog = progs_ptr + 9 * (pid // n_ct)
+    x0 = tl.load(prog)
+    x1 = tl.load(prog + 1)
+    e0 = tl.load(prog + 2)
+    e1 = tl.load(prog + 3)
+    r0 = tl.load(prog + 4)
+    r1 = tl.load(prog + 5)
+    ya = tl.load(prog + 6)
+    yb = tl.load(prog + 7)
+    slot = tl.load(prog + 8)
+    offs_x = x0 + tl.arange(0, R)
+    xmask = offs_x < x1
+    if USE_DOT:
+        c_lo, c_hi, c_wf, c_wl = load_taps(cols_idx_ptr, cols_wt_ptr, offs_x, xmask)
+    else:  # FMA path: weights of column j for the R positions come from the dense [W + 1, w]
+        c_lo = 0  # table; positions outside the segment read its last row, all zeros
+        c_hi = dense_ptr
+        c_wf = tl.where(xmask, offs_x, W) * w_in
+        c_wl = 0
+    jlo = tl.load(cols_idx_ptr + 2 * x0)
+    jhi = tl.load(cols_idx_ptr + 2 * (x1 - 1) + 1)
+    c1 = ct * BC1 + tl.arange(0, BC1)
+    c2 = BC1 + tl.arange(0, BC2)
+    m1 = (c1 < C) | HAS_REST  # with a rest, part 1 is channels [0, pow2_floor(C)): all valid
+    m2 = c2 < C
+    w1 = 0.0
+    w2 = 0.0
+    if HAS_W:
+        w1 = tl.load(w_ptr + c1, mask=m1, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + c2, mask=m2, other=0.0).to(tl.float32)
+    dw1 = tl.full((BC1,), 0.0, tl.float32)
+    dw2 = tl.full((BC2,), 0.0, tl.float32)
+    db1 = tl.full((BC1,), 0.0, tl.float32)
+    db2 = tl.full((BC2,), 0.0, tl.float32)
+    x_b = x_ptr + b * sxb
+    g_b = g_ptr + b * sgb
+    dx_b = dx_ptr + b * sdb
+    sxh64 = b * 0 + sxh  # int64 index math: no overflow, no interpreter overflow checks
+    sxw64 = b * 0 + sxw
+    sdh64 = b * 0 + sdh
+    sdw64 = b * 0 + sdw
+    W64 = b * 0 + W
+    oc1 = c1 * sxc
+    oc2 = c2 * sxc
+    gc1 = (c1 * sgc)[None, :]
+    gc2 = (c2 * sgc)[None, :]
+    dc1 = c1 * sdc
+    dc2 = c2 * sdc
+    a1 = tl.full((R, BC1), 0.0, tl.float32)  # cached resampled input rows (recompute), slots a / b
+    a2 = tl.full((R, BC2), 0.0, tl.float32)
+    b1 = tl.full((R, BC1), 0.0, tl.float32)
+    b2 = tl.full((R, BC2), 0.0, tl.float32)
+    p1 = tl.full((R, BC1), 0.0, tl.float32)  # pending input-gradient rows, slots a / b
+    p2 = tl.full((R, BC2), 0.0, tl.float32)
+    q1 = tl.full((R, BC1), 0.0, tl.float32)
+    q2 = tl.full((R, BC2), 0.0, tl.float32)
+    id_a = r0 * 0 - 1
+    id_b = r0 * 0 - 1
+    pid_a = r0 * 0 - 1
+    pid_b = r0 * 0 - 1
+    filled = r0  # input-gradient rows below this have been written
+    for y in range(ya, yb):  # every output row that reads an owned input row
+        rlo = tl.load(rows_idx_ptr + 2 * y)
+        rhi = tl.load(rows_idx_ptr + 2 * y + 1)
+        if NORM:  # recompute the output row first: the gradient row is not live meanwhile
+            acc1, acc2, a1, a2, id_a, b1, b2, id_b = output_row(
+                x_b, sxh64, sxw64, oc1, m1, oc2, m2, y, rows_idx_ptr, rows_wt_ptr, jlo, jhi,
+                c_lo, c_hi, c_wf, c_wl, a1, a2, id_a, b1, b2, id_b, TWO_SLOTS, R, BC1, BC2, HAS_REST,
+                USE_DOT, BJ, PREC)
+            xh1, xh2, rstd = layer_norm_stats(acc1, acc2, m1, m2, C, eps, HAS_REST)
+            xh1 = xh1 * rstd[:, None]
+            xh2 = xh2 * rstd[:, None]
+        grow = g_b + ((y * W64 + offs_x) * sgn)[:, None]
+        g1 = tl.load(grow + gc1, mask=xmask[:, None] & m1[None, :], other=0.0).to(tl.float32)
+        g2 = tl.full((R, BC2), 0.0, tl.float32)
+        if HAS_REST:
+            g2 = tl.load(grow + gc2, mask=xmask[:, None] & m2[None, :], other=0.0).to(tl.float32)
+        if NORM:
+            own = (xmask & (rlo >= r0) & (rlo < r1))[:, None]  # each position's partials once
+            g1, g2, d_w1, d_w2, d_b1, d_b2 = layer_norm_backward(g1, g2, xh1, xh2, rstd, w1, w2, own, m1, m2, C,
+                                                                 HAS_W, HAS_B, HAS_REST)
+            dw1 += d_w1
+            dw2 += d_w2
+            db1 += d_b1
+            db2 += d_b2
+        if NEED_DX:
+            p1, p2, q1, q2, pid_a, pid_b, filled = push_rows(
+                dx_b, sdh64, sdw64, dc1, m1, dc2, m2, g1, g2, y, H, rlo, rhi, r0, r1, rows_idx_ptr, rows_wt_ptr,
+                p1, p2, q1, q2, pid_a, pid_b, filled, e0, e1, first_ptr, colour, c_lo, c_hi, c_wf, c_wl,
+                TWO_SLOTS, BC1, BC2, HAS_REST, USE_DOT, BJ, PREC)
+    if NEED_DX:
+        for rz in range(filled, r1):
+            zero_row(dx_b + rz * sdh64, sdw64, dc1, m1, dc2, m2, e0, e1, first_ptr, colour, BC1, BC2, HAS_REST, BJ)
+    part = (b * n_slots + slot) * C
+    if HAS_W:
+        tl.store(dwp_ptr + part + c1, dw1, mask=m1)
+        if HAS_REST:
+            tl.store(dwp_ptr + part + c2, dw2, mask=m2)
+    if HAS_B:
+        tl.store(dbp_ptr + part + c1, db1, mask=m1)
+        if HAS_REST:
+            tl.store(dbp_ptr + part + c2, db2, mask=m2)
