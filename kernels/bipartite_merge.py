@@ -193,7 +193,7 @@ def _merge_backward_triton(grad: torch.Tensor, sizes: torch.Tensor, merged_sizes
 
 # ---------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("fusion::bipartite_match", mutates_args=())
-def _match_op(metric: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _match_op(metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # builtin tuple: torch<2.8 evals it
     """Triton matcher as an opaque op: ``[B, N, Cm]`` -> ``best [B, N_A]`` fp32, ``partner [B, N_A]`` int64."""
     return _match_triton(metric)
 
@@ -208,7 +208,7 @@ def _(metric):
 
 @torch.library.custom_op("fusion::bipartite_gather_merge", mutates_args=())
 def _merge_op(x: torch.Tensor, sizes: torch.Tensor, src: torch.Tensor,
-              offsets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+              offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton gather-merge as an op: ``(merged [B, n_out, C], merged_sizes [B, n_out] fp32)``."""
     return _merge_triton(x, sizes, src, offsets)
 
