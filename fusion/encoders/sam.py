@@ -17,6 +17,10 @@ strictly, the ``prompt_encoder.*`` / ``mask_decoder.*`` keys are ignored.
 segment_anything has no download cache, so there are no tags.
 
 ``forward``: ``[B, 3, S, S]`` normalised pixels -> ``[B, S/16, S/16, out_chans]`` (256).
+Every block's attention runs :class:`fusion.encoders.sam_attention.RelPosSdpaAttention`
+(swapped in on this model's instances, same parameters and state-dict keys): the same
+function as segment_anything's ``Attention`` without its ``[B*heads, L, L]`` score and bias
+matrices. Every block and the neck are used, so nothing is pruned.
 SAM normalises with ``pixel_mean/255`` and ``pixel_std/255`` and pads the bottom/right
 of a longest-side-resized image (``resize = "longest_side_pad"``).
 """
@@ -34,6 +38,7 @@ from torch import nn
 from ..config import EncoderConfig
 from .base import Encoder
 from .registry import register_encoder
+from .sam_attention import install as install_sam_attention
 from .weights import (
     check_keys,
     check_pixels,
@@ -112,6 +117,7 @@ class SamEncoder(Encoder):
         self.grid = (self.image_size // self.patch_size,) * 2
         self.dim = kwargs["out_chans"]
         self.depth = kwargs["depth"]
+        install_sam_attention(self.model)
         finalize(self.model, cfg)
 
     def upstream_name(self) -> str:
