@@ -28,7 +28,10 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for --weights random (default 0)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``fusion-tower`` parser. ``command`` is the subcommand about to run: the ``show``
+    subcommand's own options (whose module imports torch) are only added when it is ``show``,
+    so ``fusion-tower --help`` and the other commands' parsing import nothing heavy."""
     parser = argparse.ArgumentParser(prog="fusion-tower", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="describe a tower: encoders, grids, channels, tokens")
@@ -48,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="under torchrun: how long rank 0 waits for the other ranks before writing "
                           "manifest.json (default 24)")
     sub.add_parser("presets", help="list the shipped presets")
-    _add_show_parser(sub)
+    _add_show_parser(sub, full=command == "show")
     return parser
 
 
@@ -60,16 +63,21 @@ def _build(args):
 
 
 def cmd_info(args) -> int:
-    tower = _build(args)
+    """The table comes from a weightless build on the meta device (fusion.geometry): nothing is
+    initialised, read or downloaded; ``params`` counts what the tower keeps (after pruning)."""
+    from .geometry import tower_geometry
+
+    config = load_config(args.source, args.overrides)
+    geo = tower_geometry(config, weights=args.weights)
     rows = [("encoder", "upstream", "input", "grid", "channels", "params", "layer", "frozen")]
-    for name, enc in tower.encoders.items():
-        rows.append((name, enc.upstream_name(), f"{enc.image_size}px", f"{enc.grid[0]}x{enc.grid[1]}",
-                     str(enc.dim), f"{enc.num_parameters() / 1e6:.2f}M", str(enc.layer), str(enc.frozen)))
+    for enc in geo.encoders:
+        rows.append((enc.name, enc.upstream, f"{enc.image_size}px", f"{enc.grid[0]}x{enc.grid[1]}",
+                     str(enc.dim), f"{enc.params / 1e6:.2f}M", str(enc.layer), str(enc.frozen)))
     print(_table(rows))
-    fusion = tower.config.fusion
+    fusion = config.fusion
     print(f"\nfusion: grid {fusion.grid}x{fusion.grid}, {fusion.resample}, norm {fusion.norm}, {fusion.combine}")
-    print(f"projector: {tower.config.projector.type}")
-    print(f"tokens: {tower.num_patches} x {tower.hidden_size} (fused width {tower.merge.out_dim})")
+    print(f"projector: {config.projector.type}")
+    print(f"tokens: {geo.num_patches} x {geo.hidden_size} (fused width {geo.fused_dim})")
     return 0
 
 
@@ -123,11 +131,13 @@ def cmd_extract(args) -> int:
     return 1 if manifest["failed"] else 0
 
 
-def _add_show_parser(sub) -> None:
-    from .show import add_arguments
+def _add_show_parser(sub, full: bool) -> None:
+    show = sub.add_parser("show", help="picture: the image, each encoder's features and the fused tokens "
+                                       "(PCA colours), ROI crops")
+    if full:
+        from .show import add_arguments
 
-    add_arguments(sub.add_parser("show", help="picture: the image, each encoder's features and the fused tokens "
-                                              "(PCA colours), ROI crops"))
+        add_arguments(show)
 
 
 def cmd_show(args) -> int:
@@ -159,9 +169,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     # then faults 512x fewer pages: the CPU merge runs ~1.5x faster (see the Benchmarks section
     # of the README). THP_MEM_ALLOC_ENABLE=0 in the environment opts out.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    parser = build_parser()
+    args_list = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in args_list if not a.startswith("-")), None))
     # overrides may stand after options too (`info tiny --weights random fusion.grid=3`)
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(args_list)
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

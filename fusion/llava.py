@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from .config import TowerConfig, load_config
+from .geometry import config_geometry
 from .tower import MultiEncoderTower
 
 SELECT_FEATURES = ("patch", "cls_patch")
@@ -164,13 +165,14 @@ class FusionVisionTower(nn.Module):
         return self.vision_tower.config if self.is_loaded else self.cfg_only
 
     def _sizes(self) -> Tuple[int, int]:
-        """``(hidden_size, num_patches)``; before load_model they come from a random-weight build
-        of the same config (made once and dropped, as LLaVA's ``cfg_only`` answers them unloaded)."""
+        """``(hidden_size, num_patches)``; before load_model they come from the config through
+        :func:`fusion.geometry.config_geometry` (a meta-device build: no weights are made, as
+        LLaVA's ``cfg_only`` answers them unloaded)."""
         if self.is_loaded:
             return self.vision_tower.hidden_size, self.vision_tower.num_patches
         if self._geometry is None:
-            probe = MultiEncoderTower(self.cfg_only, weights="random", seed=self.seed)
-            self._geometry = (probe.hidden_size, probe.num_patches)
+            geo = config_geometry(self.cfg_only)
+            self._geometry = (geo.hidden_size, geo.num_patches)
         return self._geometry
 
     @property

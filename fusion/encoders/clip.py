@@ -128,6 +128,9 @@ class OpenClipEncoder(Encoder):
         if cfg.image_size is not None:
             kwargs["force_image_size"] = cfg.image_size
         pretrained = source.value if source.load_tag else None
+        # open_clip moves the model to `device` (default "cpu"): pass the current default device,
+        # so that a build under `torch.device("meta")` (fusion.geometry) stays on meta
+        kwargs["device"] = torch.empty(()).device
         return create_upstream(lambda: open_clip.create_model(cfg.model, pretrained=pretrained, **kwargs),
                                cfg, source, prefix, "open_clip", f"open_clip weights {cfg.model!r} / {source.value!r}",
                                f"the full open_clip state dict of {cfg.model!r}")
