@@ -2,8 +2,9 @@
 
 - ``fusion-tower info SOURCE [key=value ...] [--weights random]``: a table per encoder
   and the fused token count and width.
-- ``fusion-tower extract SOURCE --images PATHS --out DIR [--weights random]
-  [--batch-size N] [--seed S] [--cache-encoders] [key=value ...]``: fused tokens as
+- ``fusion-tower extract SOURCE (--images PATHS | --images-from LIST [--image-root DIR])
+  --out DIR [--weights random] [--batch-size N] [--workers N] [--dtype D] [--store-dtype D]
+  [--seed S] [--cache-encoders] [key=value ...]``: fused tokens as
   safetensors shards (and, with ``--cache-encoders``, each encoder's grid). Under
   ``torchrun --nproc_per_node N -m fusion extract ...`` the ranks split the shards.
 - ``fusion-tower show SOURCE IMAGE --out picture.png [--rois BOX ...] [--weights random]``:
@@ -16,7 +17,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import load_config
+from .config import DTYPES, load_config
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
@@ -38,9 +39,23 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     _add_source_args(info)
     ext = sub.add_parser("extract", help="encode images to safetensors shards")
     _add_source_args(ext)
-    ext.add_argument("--images", nargs="+", required=True, help="image files or folders")
+    where = ext.add_mutually_exclusive_group(required=True)
+    where.add_argument("--images", nargs="+", help="image files (key: the file name) or folders, searched "
+                                                   "recursively (key: the path relative to the folder)")
+    where.add_argument("--images-from", metavar="LIST",
+                       help="a text file of image paths (one per line) or a LLaVA-style .json list "
+                            "([{\"image\": \"rel/path.jpg\", ...}]); key: the path as written there")
+    ext.add_argument("--image-root", default=None, help="folder that relative --images-from paths are under "
+                                                        "(default: the list's folder)")
     ext.add_argument("--out", required=True, help="output folder")
     ext.add_argument("--batch-size", type=int, default=8)
+    ext.add_argument("--workers", type=int, default=0,
+                     help="DataLoader processes decoding and preprocessing images while the tower encodes "
+                          "(default 0: in the main process; the features are the same)")
+    ext.add_argument("--dtype", choices=DTYPES, default=None,
+                     help="run the whole tower in this dtype (an encoder's own `dtype` wins; default: float32)")
+    ext.add_argument("--store-dtype", choices=DTYPES, default="float32",
+                     help="dtype of the stored features (float16/bfloat16: half the disk; default float32)")
     ext.add_argument("--shard-size", type=int, default=64, help="images per safetensors shard")
     ext.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ext.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -59,7 +74,7 @@ def _build(args):
     from .tower import MultiEncoderTower
 
     config = load_config(args.source, args.overrides)
-    return MultiEncoderTower(config, weights=args.weights, seed=args.seed)
+    return MultiEncoderTower(config, weights=args.weights, seed=args.seed, dtype=getattr(args, "dtype", None))
 
 
 def cmd_info(args) -> int:
@@ -90,12 +105,17 @@ def cmd_extract(args) -> int:
     import torch
 
     from .distributed import barrier, dist_env, init_coordination
-    from .extract import check_writable, collect_images, extract_features, write_manifest
+    from .extract import check_writable, extract_features, write_manifest
+    from .image_sources import collect_images, images_from_list
 
     env = dist_env()
     if not args.barrier_timeout > 0:
         raise ValueError(f"--barrier-timeout: expected a positive number of hours, got {args.barrier_timeout}")
-    images = collect_images(args.images)
+    if args.workers < 0:
+        raise ValueError(f"--workers: expected a number >= 0 (0: decode in the main process), got {args.workers}")
+    if args.image_root is not None and args.images_from is None:
+        raise ValueError("--image-root: only applies to --images-from (paths in --images are used as given)")
+    images = images_from_list(args.images_from, args.image_root) if args.images_from else collect_images(args.images)
     check_writable(Path(args.out))  # before loading the encoders: an unwritable --out fails at once
     tower = _build(args)
     device = args.device
@@ -107,9 +127,11 @@ def cmd_extract(args) -> int:
         result = extract_features(tower, images, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
                                   rank=env.rank, world_size=env.world_size,
                                   progress=not args.no_progress and env.rank == 0,
-                                  cache_encoders=args.cache_encoders,
+                                  cache_encoders=args.cache_encoders, workers=args.workers,
+                                  store_dtype=getattr(torch, args.store_dtype),
                                   settings={"config": tower.config.to_dict(), "weights": args.weights,
-                                            "seed": args.seed})
+                                            "seed": args.seed, "dtype": args.dtype or "float32",
+                                            "store_dtype": args.store_dtype})
         if env.distributed:
             print(f"rank {env.rank}/{env.world_size}: encoded {result.images} images into {len(result.written)} "
                   f"shards, {len(result.skipped_shards)} shards already done", file=sys.stderr)
@@ -117,7 +139,8 @@ def cmd_extract(args) -> int:
         if env.rank != 0:
             return 0
         info = {"source": str(args.source), "overrides": list(args.overrides), "weights": args.weights,
-                "seed": args.seed, "tokens": [tower.num_patches, tower.hidden_size]}
+                "seed": args.seed, "tokens": [tower.num_patches, tower.hidden_size],
+                "dtype": args.dtype or "float32", "store_dtype": args.store_dtype}
         if args.cache_encoders:
             info["encoders"] = {s.name: [s.grid[0], s.grid[1], s.dim] for s in tower.merge.specs}
         manifest = write_manifest(args.out, info)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .boxes import BoxLike, tokens_in
-from .config import ConfigSource, Overrides, TowerConfig, load_config
+from .config import DTYPES, ConfigSource, Overrides, TowerConfig, load_config
 from .encoders.base import Encoder
 from .encoders.registry import get_encoder_class
 from .merge import FusionMerge, GridSpec, Segment
@@ -70,6 +70,19 @@ class TowerOutput:
         return tokens_in(self.token_boxes, box, min_overlap)
 
 
+def resolve_dtype(dtype: Union[str, torch.dtype, None], key: str) -> Optional[torch.dtype]:
+    """``None``, a torch floating dtype or its name (``"bfloat16"``) -> ``None`` or the dtype;
+    anything else is an error naming ``key``."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype) and str(dtype).split(".")[-1] in DTYPES:
+        return dtype
+    raise (TypeError if not isinstance(dtype, (str, torch.dtype)) else ValueError)(
+        f"{key}: got {dtype!r}; accepted values are {list(DTYPES)} (or the torch dtypes), or None")
+
+
 def _encoder_seed(seed: int, name: str) -> int:
     """A per-encoder seed, so dropping one encoder leaves the others' weights unchanged."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
@@ -78,8 +91,10 @@ def _encoder_seed(seed: int, name: str) -> int:
 class MultiEncoderTower(nn.Module):
     """Several vision encoders, merged and projected into one token sequence."""
 
-    def __init__(self, config: TowerConfig, weights: str = "pretrained", seed: int = 0):
+    def __init__(self, config: TowerConfig, weights: str = "pretrained", seed: int = 0,
+                 dtype: Union[str, torch.dtype, None] = None):
         super().__init__()
+        self.build_dtype = resolve_dtype(dtype, "dtype")
         if not isinstance(config, TowerConfig):
             raise TypeError(f"config: expected a TowerConfig (see fusion.load_config), got {type(config).__name__}")
         if weights not in WEIGHT_MODES:
@@ -103,6 +118,12 @@ class MultiEncoderTower(nn.Module):
             specs = [GridSpec(name, tuple(enc.grid), scaled_dim(enc)) for name, enc in self.encoders.items()]
             self.merge = FusionMerge(specs, config.fusion)
             self.projector = build_projector(config.projector, self.merge.out_dim)
+        if self.build_dtype is not None:  # the whole tower in that dtype; an encoder's own `dtype` wins
+            for enc in self.encoders.values():
+                if enc.cfg.dtype is None:
+                    enc.to(self.build_dtype)
+            self.merge.to(self.build_dtype)
+            self.projector.to(self.build_dtype)
         size = config.processor.size or max(enc.image_size for enc in self.encoders.values())
         first = next(iter(self.encoders.values()))
         self.image_processor = ImageProcessor(size, mode=config.processor.mode, image_mean=first.mean,
@@ -294,10 +315,12 @@ class MultiEncoderTower(nn.Module):
 
 
 def build_tower(source: ConfigSource, overrides: Overrides = None, weights: str = "pretrained",
-                seed: int = 0) -> MultiEncoderTower:
+                seed: int = 0, dtype: Union[str, torch.dtype, None] = None) -> MultiEncoderTower:
     """Build a tower from a preset name, a config file, a dict or a :class:`TowerConfig`.
 
     ``weights="random"`` initialises every encoder from ``seed`` (no downloads), so two
-    runs or two processes give the same features.
+    runs or two processes give the same features. ``dtype`` (``"float32"``, ``"float16"``,
+    ``"bfloat16"`` or a torch dtype) runs the whole tower in that dtype; an encoder whose
+    config sets its own ``dtype`` keeps it.
     """
-    return MultiEncoderTower(load_config(source, overrides), weights=weights, seed=seed)
+    return MultiEncoderTower(load_config(source, overrides), weights=weights, seed=seed, dtype=dtype)
