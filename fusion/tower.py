@@ -31,6 +31,7 @@ from .projector import build_projector, projector_out_dim
 from .roi import check_roi_inputs
 
 WEIGHT_MODES = ("pretrained", "random")
+NONFINITE_PIXELS = "pixel_values: contains NaN or infinite values"
 
 
 @dataclass
@@ -284,8 +285,14 @@ class MultiEncoderTower(nn.Module):
         if pixel_values.device != self.device:
             pixel_values = pixel_values.to(self.device, non_blocking=True)
         pixel_values = pixel_values.float()
-        if not torch.isfinite(pixel_values).all():
-            raise ValueError("pixel_values: contains NaN or infinite values")
+        finite = torch.isfinite(pixel_values).all()
+        if torch.compiler.is_compiling():
+            # inside torch.compile: no data-dependent branch (a graph break and a host sync); the
+            # check stays in the graph as an asynchronous assertion (RuntimeError on the CPU,
+            # a device-side assert on CUDA)
+            torch._assert_async(finite, NONFINITE_PIXELS)
+        elif not finite:
+            raise ValueError(NONFINITE_PIXELS)
         return pixel_values
 
     # ------------------------------------------------------------------ distributed
