@@ -15,7 +15,7 @@ Three parts (``--only``), each written as rows of ``bench_cost.csv`` / ``bench_c
   it needs more than this 24 GB machine has);
 - ``workers``: ``extract`` of the ``tiny`` tower on 256 generated JPEG/PNG images with
   ``--workers 2`` against ``--workers 0``, in this process (the extraction only, not the
-  build, after a warm-up run), the two alternating ``--iters`` times.
+  build, after a warm-up run), the two alternating ``--worker-iters`` times.
 
 Commands run as ``/usr/bin/time -v`` would report them (wall time and maximum resident set
 size of the process, from ``os.wait4``), each in a fresh process, under an address-space
@@ -23,7 +23,8 @@ limit of ``--memory-cap-gb`` so that a run that would exhaust the machine fails 
 (it is then reported as failed, with the time until it failed). The baseline is
 ``git archive <baseline>`` unpacked in a temporary folder and run with ``PYTHONPATH``
 pointing there (and from there, so this checkout is not on its path); this checkout runs
-as installed. Times are minima over ``--iters``, memory maxima. Compare within one run:
+as installed. Times are minima over the iterations (``--startup-iters``, ``--iters`` for
+extract, ``--worker-iters``), memory maxima. Compare within one run:
 machines are shared and noisy.
 """
 from __future__ import annotations
@@ -128,7 +129,7 @@ def part_startup(args, codes: Dict[str, Optional[Path]], tmp: Path) -> List[dict
     rows = []
     for what, argv in commands.items():
         runs = {name: [] for name in codes}
-        for _ in range(args.iters):
+        for _ in range(args.startup_iters):
             for name, code in codes.items():
                 r = run_measured(argv, environment(code), tmp, args.memory_cap_gb)
                 runs[name].append(r)
@@ -169,10 +170,12 @@ def part_workers(args, tmp: Path) -> List[dict]:
     from fusion.image_sources import collect_images
 
     images = collect_images([str(generated_images(tmp / "img256", args.worker_images))])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tower = build_tower("tiny", weights="random")
     extract_features(tower, images[:16], tmp / "warm-up", progress=False)  # first calls: allocator, kernels
     times: Dict[int, List[float]] = {0: [], args.workers: []}
-    for it in range(args.iters):
+    for it in range(args.worker_iters):
         for workers in times:
             out = tmp / f"w{workers}-{it}"
             t0 = time.perf_counter()
@@ -212,8 +215,8 @@ def write(rows: List[dict], args, out: Path) -> str:
     tmp.replace(out / "bench_cost.csv")
     lines = [f"CPU {platform.machine()}, {os.cpu_count()} cores, load average "
              f"{os.getloadavg()[0]:.1f} at the end; baseline = `{args.baseline}`, this = the checkout; "
-             f"minimum time and maximum peak RSS over {args.iters} iteration(s); address space capped at "
-             f"{args.memory_cap_gb:g} GB.", "",
+             f"minimum time and maximum peak RSS over the iterations (startup {args.startup_iters}, extract "
+             f"{args.iters}, workers {args.worker_iters}); address space capped at {args.memory_cap_gb:g} GB.", "",
              "| part | what | code | seconds | peak RSS GB | images/s | status |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         ips = "" if r["images_per_s"] != r["images_per_s"] else f"{r['images_per_s']:.1f}"
@@ -232,9 +235,13 @@ def main(argv=None) -> None:
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {list(PARTS)}")
     p.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare with ('none': skip)")
     p.add_argument("--baseline-batch-size", type=int, default=4)
-    p.add_argument("--iters", type=int, default=1)
+    p.add_argument("--iters", type=int, default=1, help="runs of each extract command (default 1)")
+    p.add_argument("--startup-iters", type=int, default=3, help="runs of each startup command (default 3)")
+    p.add_argument("--worker-iters", type=int, default=3, help="runs of each workers setting (default 3)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--worker-images", type=int, default=256)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of the main process in the workers part (default: torch's)")
     p.add_argument("--memory-cap-gb", type=float, default=20.0)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)

@@ -7,7 +7,6 @@ blocks up to the selected one, same values), and its output must equal the unpru
 model's ``forward_intermediates`` for that block (parity with the unpruned adapter is what
 tests/test_encoders.py checks block by block).
 """
-import open_clip
 import pytest
 import timm
 import torch
@@ -40,7 +39,7 @@ def assert_keeps_exactly(enc, reference, prefix=""):
         assert torch.equal(ours[k], want[k]), k
 
 
-@pytest.mark.parametrize("layer, block", [(-1, 2), (-2, 1), (1, 0)])
+@pytest.mark.parametrize("layer, block", [(-2, 1), (1, 0)])
 def test_clip_keeps_blocks_up_to_the_layer_and_no_head(tmp_path, layer, block):
     ref = open_clip_reference("ViT-B-16", CLIP_ARCH, 64)
     path = tmp_path / "clip.safetensors"
@@ -50,6 +49,7 @@ def test_clip_keeps_blocks_up_to_the_layer_and_no_head(tmp_path, layer, block):
     assert enc.model.proj is None and isinstance(enc.model.ln_post, torch.nn.Identity)
     assert_keeps_exactly(enc, kept_reference(ref.visual.state_dict().items(), block, "transformer.resblocks."))
     assert enc.num_parameters() < sum(p.numel() for p in ref.visual.parameters())
+    assert not any("token_embedding" in n or "text" in n for n, _ in enc.named_parameters())  # no text tower
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         want = ref.visual.forward_intermediates(x, indices=[block], intermediates_only=True,
@@ -57,7 +57,7 @@ def test_clip_keeps_blocks_up_to_the_layer_and_no_head(tmp_path, layer, block):
         check_close(enc(x), want.reshape(2, 4, 4, -1))
 
 
-@pytest.mark.parametrize("layer, block", [(-1, 8), (-9, 0)])
+@pytest.mark.parametrize("layer, block", [(-1, 8)])
 def test_siglip_trunk_loses_late_blocks_norm_and_map_head(tmp_path, layer, block):
     ref = open_clip_reference("ViT-B-16-SigLIP", SIGLIP_ARCH, 80)
     assert ref.visual.trunk.attn_pool is not None  # test_vit3 pools with a MAP head
@@ -77,7 +77,7 @@ def test_siglip_trunk_loses_late_blocks_norm_and_map_head(tmp_path, layer, block
         check_close(enc(x), want.reshape(2, 5, 5, -1))
 
 
-@pytest.mark.parametrize("layer, block", [(-1, 2), (-2, 1)])
+@pytest.mark.parametrize("layer, block", [(-2, 1)])
 def test_dinov2_keeps_blocks_up_to_the_layer_and_no_norm(tmp_path, layer, block):
     model = "vit_small_patch14_reg4_dinov2"
     ref = timm.create_model(model, img_size=56, **DINO_ARCH).eval()
@@ -93,10 +93,3 @@ def test_dinov2_keeps_blocks_up_to_the_layer_and_no_norm(tmp_path, layer, block)
         want = ref.forward_intermediates(x, indices=[block], norm=False, intermediates_only=True,
                                          output_fmt="NLC")[0]
         check_close(enc(x), want.reshape(2, 4, 4, -1))
-
-
-def test_text_tower_is_not_kept():
-    enc = build(enc_cfg("clip", "ViT-B-16", image_size=64, arch=CLIP_ARCH))
-    names = [n for n, _ in enc.named_parameters()]
-    assert names and not any("token_embedding" in n or "text" in n for n in names)
-    assert isinstance(enc.model, open_clip.transformer.VisionTransformer)
