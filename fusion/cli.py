@@ -130,7 +130,7 @@ def cmd_extract(args) -> int:
                                   cache_encoders=args.cache_encoders, workers=args.workers,
                                   store_dtype=getattr(torch, args.store_dtype),
                                   settings={"config": tower.config.to_dict(), "weights": args.weights,
-                                            "seed": args.seed, "dtype": args.dtype or "float32",
+                                            "seed": args.seed, "dtype": args.dtype,
                                             "store_dtype": args.store_dtype})
         if env.distributed:
             print(f"rank {env.rank}/{env.world_size}: encoded {result.images} images into {len(result.written)} "
@@ -140,7 +140,7 @@ def cmd_extract(args) -> int:
             return 0
         info = {"source": str(args.source), "overrides": list(args.overrides), "weights": args.weights,
                 "seed": args.seed, "tokens": [tower.num_patches, tower.hidden_size],
-                "dtype": args.dtype or "float32", "store_dtype": args.store_dtype}
+                "dtype": args.dtype, "store_dtype": args.store_dtype}
         if args.cache_encoders:
             info["encoders"] = {s.name: [s.grid[0], s.grid[1], s.dim] for s in tower.merge.specs}
         manifest = write_manifest(args.out, info)
