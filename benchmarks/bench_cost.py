@@ -17,8 +17,9 @@ Three parts (``--only``), each written as rows of ``bench_cost.csv`` / ``bench_c
   ``--workers 2`` against ``--workers 0``, in this process (the extraction only, not the
   build, after a warm-up run), the two alternating ``--worker-iters`` times.
 
-Commands run as ``/usr/bin/time -v`` would report them (wall time and maximum resident set
-size of the process, from ``os.wait4``), each in a fresh process, under an address-space
+Commands run as ``/usr/bin/time -v`` would report them (wall time, user + system CPU time
+and maximum resident set size of the process, from ``os.wait4``), each in a fresh process
+(the extract commands interleaved iteration by iteration), under an address-space
 limit of ``--memory-cap-gb`` so that a run that would exhaust the machine fails instead
 (it is then reported as failed, with the time until it failed). The baseline is
 ``git archive <baseline>`` unpacked in a temporary folder and run with ``PYTHONPATH``
@@ -64,7 +65,8 @@ def run_measured(argv: Sequence[str], env: Dict[str, str], cwd: Path, cap_gb: fl
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"seconds": seconds, "rss_gb": usage.ru_maxrss / 2**20, "exit": proc.returncode,
+    return {"seconds": seconds, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_gb": usage.ru_maxrss / 2**20,
+            "exit": proc.returncode,
             "error": stderr.decode(errors="replace").strip().splitlines()[-1:] if proc.returncode not in (0,) else []}
 
 
@@ -145,21 +147,22 @@ def part_extract(args, codes: Dict[str, Optional[Path]], tmp: Path) -> List[dict
     if "baseline" in codes:
         plan = [("baseline", codes["baseline"], None), ("baseline", codes["baseline"], args.baseline_batch_size),
                 *plan]
-    rows = []
-    for name, code, batch in plan:
-        runs = []
-        for it in range(args.iters):
+    runs: Dict[int, List[dict]] = {i: [] for i in range(len(plan))}
+    for it in range(args.iters):  # interleaved, so that each command sees the same machine load
+        for i, (name, code, batch) in enumerate(plan):
+            if it and name == "baseline" and batch is None and all(r["exit"] for r in runs[i]):
+                continue  # the baseline at the default batch size failed already: once is enough
             out = tmp / f"feat-{name}-{batch}-{it}"
             argv = [sys.executable, "-m", "fusion", "extract", "vsre", "--weights", "random", "--images",
                     str(images), "--out", str(out), "--no-progress"] + (["--batch-size", str(batch)] if batch else [])
             r = run_measured(argv, environment(code), tmp, args.memory_cap_gb)
-            runs.append(r)
+            runs[i].append(r)
             shutil.rmtree(out, ignore_errors=True)
             print(f"  extract vsre 8 images {name:8s} batch {batch or 'default'}: {r['seconds']:7.1f} s "
-                  f"{r['rss_gb']:6.2f} GB exit {r['exit']} {' '.join(r['error'])}", flush=True)
-        label = f"extract vsre, 8 images, batch {batch or 'default (8)'}"
-        rows.append(summarise("extract", label, name, runs))
-    return rows
+                  f"(cpu {r['cpu_s']:.0f} s) {r['rss_gb']:6.2f} GB exit {r['exit']} {' '.join(r['error'])}",
+                  flush=True)
+    return [summarise("extract", f"extract vsre, 8 images, batch {batch or 'default (8)'}", name, runs[i])
+            for i, (name, code, batch) in enumerate(plan)]
 
 
 def part_workers(args, tmp: Path) -> List[dict]:
@@ -187,7 +190,8 @@ def part_workers(args, tmp: Path) -> List[dict]:
     for workers, ts in times.items():
         rows.append({"part": "workers", "what": f"extract tiny, {len(images)} generated images, "
                                                 f"torch threads {torch.get_num_threads()}",
-                     "code": f"--workers {workers}", "seconds": min(ts), "rss_gb": float("nan"),
+                     "code": f"--workers {workers}", "seconds": min(ts), "cpu_s": float("nan"),
+                     "rss_gb": float("nan"),
                      "images_per_s": len(images) / min(ts), "status": "ok"})
     return rows
 
@@ -197,7 +201,8 @@ def summarise(part: str, what: str, code: str, runs: List[dict]) -> dict:
     status = "ok" if ok else f"failed (exit {runs[0]['exit']}: {' '.join(runs[0]['error'])[:120]})"
     pick = ok or runs
     return {"part": part, "what": what, "code": code, "seconds": min(r["seconds"] for r in pick),
-            "rss_gb": max(r["rss_gb"] for r in pick), "images_per_s": float("nan"), "status": status}
+            "cpu_s": min(r["cpu_s"] for r in pick), "rss_gb": max(r["rss_gb"] for r in pick),
+            "images_per_s": float("nan"), "status": status}
 
 
 # ----------------------------------------------------------------------------- output
@@ -205,7 +210,7 @@ def summarise(part: str, what: str, code: str, runs: List[dict]) -> dict:
 
 def write(rows: List[dict], args, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    fields = ["part", "what", "code", "seconds", "rss_gb", "images_per_s", "status"]
+    fields = ["part", "what", "code", "seconds", "cpu_s", "rss_gb", "images_per_s", "status"]
     tmp = out / "bench_cost.csv.tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
@@ -217,11 +222,13 @@ def write(rows: List[dict], args, out: Path) -> str:
              f"{os.getloadavg()[0]:.1f} at the end; baseline = `{args.baseline}`, this = the checkout; "
              f"minimum time and maximum peak RSS over the iterations (startup {args.startup_iters}, extract "
              f"{args.iters}, workers {args.worker_iters}); address space capped at {args.memory_cap_gb:g} GB.", "",
-             "| part | what | code | seconds | peak RSS GB | images/s | status |", "|---|---|---|---|---|---|---|"]
+             "| part | what | code | seconds | CPU seconds | peak RSS GB | images/s | status |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ips = "" if r["images_per_s"] != r["images_per_s"] else f"{r['images_per_s']:.1f}"
         rss = "" if r["rss_gb"] != r["rss_gb"] else f"{r['rss_gb']:.2f}"
-        lines.append(f"| {r['part']} | {r['what']} | {r['code']} | {r['seconds']:.2f} | {rss} | {ips} | "
+        cpu = "" if r["cpu_s"] != r["cpu_s"] else f"{r['cpu_s']:.1f}"
+        lines.append(f"| {r['part']} | {r['what']} | {r['code']} | {r['seconds']:.2f} | {cpu} | {rss} | {ips} | "
                      f"{r['status']} |")
     text = "\n".join(lines) + "\n"
     tmp = out / "bench_cost.md.tmp"
