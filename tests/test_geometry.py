@@ -103,7 +103,8 @@ def test_llava_delay_load_and_hf_config_use_the_meta_path(no_real_build):
     tower = build_vision_tower(SimpleNamespace(mm_vision_tower="tiny", mm_vision_select_layer=-2), delay_load=True)
     assert not tower.is_loaded
     geo = tower_geometry(tower.cfg_only, weights="random")
-    assert (tower.hidden_size, tower.num_patches) == (geo.hidden_size, geo.num_patches) == (64 + 96 + 32 + 48, 16)  # fused widths, no projector
+    fused_width = 64 + 96 + 32 + 48  # LLaVA drops the tower's projector: the fused tokens' width
+    assert (tower.hidden_size, tower.num_patches) == (geo.hidden_size, geo.num_patches) == (fused_width, 16)
     pytest.importorskip("transformers")
     import fusion.hf as fhf
 
