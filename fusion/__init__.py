@@ -2,33 +2,53 @@
 
     tower = fusion.build_tower("vsre")            # or "tiny", a .yaml path, a dict
     tokens = tower(tower.image_processor(images)["pixel_values"])   # [B, N, D]
+
+``import fusion`` is cheap: the names below (and the submodules) load on first use, so
+neither torch nor an upstream library (open_clip, timm, segment_anything, transformers)
+is imported until something needs it (``fusion-tower --help`` imports none of them).
 """
-from .boxes import boxes_to_text, parse_box, text_to_boxes, tokens_in
-from .config import TowerConfig, list_presets, load_config
-from .encoders.base import Encoder
-from .encoders.registry import list_encoders, register_encoder
-from .image_io import open_image
-from .preprocess import ImageProcessor
-from .prismatic import load_prism_checkpoint
-from .tower import MultiEncoderTower, TowerOutput, build_tower
+from importlib import import_module
+from pkgutil import iter_modules
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Encoder",
-    "ImageProcessor",
-    "MultiEncoderTower",
-    "TowerConfig",
-    "TowerOutput",
-    "boxes_to_text",
-    "build_tower",
-    "list_encoders",
-    "list_presets",
-    "load_config",
-    "load_prism_checkpoint",
-    "open_image",
-    "parse_box",
-    "register_encoder",
-    "text_to_boxes",
-    "tokens_in",
-]
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "Encoder": "encoders.base",
+    "ImageProcessor": "preprocess",
+    "MultiEncoderTower": "tower",
+    "TowerConfig": "config",
+    "TowerOutput": "tower",
+    "TowerGeometry": "geometry",
+    "boxes_to_text": "boxes",
+    "build_tower": "tower",
+    "list_encoders": "encoders.registry",
+    "list_presets": "config",
+    "load_config": "config",
+    "load_prism_checkpoint": "prismatic",
+    "open_image": "image_io",
+    "parse_box": "boxes",
+    "register_encoder": "encoders.registry",
+    "text_to_boxes": "boxes",
+    "tokens_in": "boxes",
+    "tower_geometry": "geometry",
+}
+# submodules reachable as attributes after a bare ``import fusion`` (as when they were imported
+# eagerly); listed from the package folder, which imports nothing
+_SUBMODULES = {info.name for info in iter_modules(__path__) if not info.name.startswith("_")} | {"kernels"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)

@@ -44,6 +44,8 @@ def save_tower(tower, directory) -> None:
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
     meta = {"weights": tower.weights, "seed": tower.seed, "format": 1, "tensors": sorted(state),
             "weight_sources": tower.weights_report()}
+    if getattr(tower, "build_dtype", None) is not None:  # build_tower(..., dtype=...)
+        meta["dtype"] = str(tower.build_dtype).split(".")[-1]
     atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2))
     atomic_write_text(directory / CONFIG_FILE, tower.config.to_yaml())
 
@@ -56,7 +58,7 @@ def load_tower(cls, directory, weights: Optional[str] = None):
                                     f"written by MultiEncoderTower.save_pretrained")
     meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
     config = load_config(directory / CONFIG_FILE)
-    tower = cls(config, weights=weights or meta["weights"], seed=int(meta["seed"]))
+    tower = cls(config, weights=weights or meta["weights"], seed=int(meta["seed"]), dtype=meta.get("dtype"))
     state = load_file(str(directory / WEIGHTS_FILE))
     expected = trainable_state_dict(tower)
     missing = sorted(set(expected) - set(state))

@@ -1,13 +1,15 @@
 """The ``fusion-tower`` command (also ``python -m fusion``).
 
 - ``fusion-tower info SOURCE [key=value ...] [--weights random]``: a table per encoder,
-  where each encoder's weights came from (tag / file / Hugging Face folder and path, or
-  random with the seed; the checkpoint's sha256 prefix), the fused token count and width.
+  where each encoder's weights come from (tag / file / Hugging Face folder and its path, or
+  random with the seed; the sha256 prefix of checkpoint files already on this machine), the
+  fused token count and width; from a weightless build, nothing read or downloaded.
 - ``fusion-tower download SOURCE [key=value ...]``: fetch every checkpoint the config
   names into the upstream caches (open_clip / timm / Hugging Face hub / PyTorch hub) and
   print where each went and its size; a second run finds them cached.
-- ``fusion-tower extract SOURCE --images PATHS --out DIR [--weights random]
-  [--batch-size N] [--seed S] [--cache-encoders] [key=value ...]``: fused tokens as
+- ``fusion-tower extract SOURCE (--images PATHS | --images-from LIST [--image-root DIR])
+  --out DIR [--weights random] [--batch-size N] [--workers N] [--dtype D] [--store-dtype D]
+  [--seed S] [--cache-encoders] [key=value ...]``: fused tokens as
   safetensors shards (and, with ``--cache-encoders``, each encoder's grid). Under
   ``torchrun --nproc_per_node N -m fusion extract ...`` the ranks split the shards.
 - ``fusion-tower show SOURCE IMAGE --out picture.png [--rois BOX ...] [--weights random]``:
@@ -20,7 +22,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import load_config
+from .config import DTYPES, load_config
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
@@ -32,16 +34,33 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for --weights random (default 0)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``fusion-tower`` parser. ``command`` is the subcommand about to run: the ``show``
+    subcommand's own options (whose module imports torch) are only added when it is ``show``,
+    so ``fusion-tower --help`` and the other commands' parsing import nothing heavy."""
     parser = argparse.ArgumentParser(prog="fusion-tower", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="describe a tower: encoders, grids, channels, tokens")
     _add_source_args(info)
     ext = sub.add_parser("extract", help="encode images to safetensors shards")
     _add_source_args(ext)
-    ext.add_argument("--images", nargs="+", required=True, help="image files or folders")
+    where = ext.add_mutually_exclusive_group(required=True)
+    where.add_argument("--images", nargs="+", help="image files (key: the file name) or folders, searched "
+                                                   "recursively (key: the path relative to the folder)")
+    where.add_argument("--images-from", metavar="LIST",
+                       help="a text file of image paths (one per line) or a LLaVA-style .json list "
+                            "([{\"image\": \"rel/path.jpg\", ...}]); key: the path as written there")
+    ext.add_argument("--image-root", default=None, help="folder that relative --images-from paths are under "
+                                                        "(default: the list's folder)")
     ext.add_argument("--out", required=True, help="output folder")
     ext.add_argument("--batch-size", type=int, default=8)
+    ext.add_argument("--workers", type=int, default=0,
+                     help="DataLoader processes decoding and preprocessing images while the tower encodes "
+                          "(default 0: in the main process; the features are the same)")
+    ext.add_argument("--dtype", choices=DTYPES, default=None,
+                     help="run the whole tower in this dtype (an encoder's own `dtype` wins; default: float32)")
+    ext.add_argument("--store-dtype", choices=DTYPES, default="float32",
+                     help="dtype of the stored features (float16/bfloat16: half the disk; default float32)")
     ext.add_argument("--shard-size", type=int, default=64, help="images per safetensors shard")
     ext.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ext.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -55,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("source", help="preset name (see `fusion-tower presets`), .yaml/.json file")
     down.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     sub.add_parser("presets", help="list the shipped presets")
-    _add_show_parser(sub)
+    _add_show_parser(sub, full=command == "show")
     return parser
 
 
@@ -63,29 +82,37 @@ def _build(args):
     from .tower import MultiEncoderTower
 
     config = load_config(args.source, args.overrides)
-    return MultiEncoderTower(config, weights=args.weights, seed=args.seed)
+    return MultiEncoderTower(config, weights=args.weights, seed=args.seed, dtype=getattr(args, "dtype", None))
 
 
 def cmd_info(args) -> int:
+    """The table comes from a weightless build on the meta device (fusion.geometry) and the
+    weight sources from the config and the caches (nothing is initialised, read or downloaded);
+    ``params`` counts what the tower keeps (after pruning)."""
+    from .encoders.prefetch import planned_source
     from .encoders.sources import describe
+    from .geometry import tower_geometry
+    from .tower import encoder_seed
 
-    tower = _build(args)
-    report = tower.weights_report()
+    config = load_config(args.source, args.overrides)
+    geo = tower_geometry(config, weights=args.weights)
+    report = {name: planned_source(cfg, args.weights, args.seed, encoder_seed(args.seed, name))
+              for name, cfg in config.encoders.items()}
     rows = [("encoder", "upstream", "weights", "input", "grid", "channels", "params", "layer", "frozen")]
-    for name, enc in tower.encoders.items():
-        rows.append((name, enc.upstream_name(), report[name]["source"], f"{enc.image_size}px",
-                     f"{enc.grid[0]}x{enc.grid[1]}", str(enc.dim), f"{enc.num_parameters() / 1e6:.2f}M",
-                     str(enc.layer), str(enc.frozen)))
+    for enc in geo.encoders:
+        rows.append((enc.name, enc.upstream, report[enc.name]["source"], f"{enc.image_size}px",
+                     f"{enc.grid[0]}x{enc.grid[1]}", str(enc.dim), f"{enc.params / 1e6:.2f}M", str(enc.layer),
+                     str(enc.frozen)))
     print(_table(rows))
     print("\nweights:")
     for name, entry in report.items():
         print(f"  {name}: {describe(entry)}")
         for note in entry.get("notes", []):
             print(f"    {note}")
-    fusion = tower.config.fusion
+    fusion = config.fusion
     print(f"\nfusion: grid {fusion.grid}x{fusion.grid}, {fusion.resample}, norm {fusion.norm}, {fusion.combine}")
-    print(f"projector: {tower.config.projector.type}")
-    print(f"tokens: {tower.num_patches} x {tower.hidden_size} (fused width {tower.merge.out_dim})")
+    print(f"projector: {config.projector.type}")
+    print(f"tokens: {geo.num_patches} x {geo.hidden_size} (fused width {geo.fused_dim})")
     return 0
 
 
@@ -118,12 +145,17 @@ def cmd_extract(args) -> int:
     import torch
 
     from .distributed import barrier, dist_env, init_coordination
-    from .extract import check_writable, collect_images, extract_features, write_manifest
+    from .extract import check_writable, extract_features, write_manifest
+    from .image_sources import collect_images, images_from_list
 
     env = dist_env()
     if not args.barrier_timeout > 0:
         raise ValueError(f"--barrier-timeout: expected a positive number of hours, got {args.barrier_timeout}")
-    images = collect_images(args.images)
+    if args.workers < 0:
+        raise ValueError(f"--workers: expected a number >= 0 (0: decode in the main process), got {args.workers}")
+    if args.image_root is not None and args.images_from is None:
+        raise ValueError("--image-root: only applies to --images-from (paths in --images are used as given)")
+    images = images_from_list(args.images_from, args.image_root) if args.images_from else collect_images(args.images)
     check_writable(Path(args.out))  # before loading the encoders: an unwritable --out fails at once
     tower = _build(args)
     sources = tower.weights_report()  # where the weights came from: recorded, and a resume must match it
@@ -138,9 +170,11 @@ def cmd_extract(args) -> int:
         result = extract_features(tower, images, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
                                   rank=env.rank, world_size=env.world_size,
                                   progress=not args.no_progress and env.rank == 0,
-                                  cache_encoders=args.cache_encoders,
+                                  cache_encoders=args.cache_encoders, workers=args.workers,
+                                  store_dtype=getattr(torch, args.store_dtype),
                                   settings={"config": tower.config.to_dict(), "weights": args.weights,
-                                            "seed": args.seed, "weight_sources": identity})
+                                            "seed": args.seed, "weight_sources": identity, "dtype": args.dtype,
+                                            "store_dtype": args.store_dtype})
         if env.distributed:
             print(f"rank {env.rank}/{env.world_size}: encoded {result.images} images into {len(result.written)} "
                   f"shards, {len(result.skipped_shards)} shards already done", file=sys.stderr)
@@ -148,7 +182,8 @@ def cmd_extract(args) -> int:
         if env.rank != 0:
             return 0
         info = {"source": str(args.source), "overrides": list(args.overrides), "weights": args.weights,
-                "seed": args.seed, "tokens": [tower.num_patches, tower.hidden_size], "weight_sources": sources}
+                "seed": args.seed, "tokens": [tower.num_patches, tower.hidden_size], "weight_sources": sources,
+                "dtype": args.dtype, "store_dtype": args.store_dtype}
         if args.cache_encoders:
             info["encoders"] = {s.name: [s.grid[0], s.grid[1], s.dim] for s in tower.merge.specs}
         manifest = write_manifest(args.out, info)
@@ -162,11 +197,13 @@ def cmd_extract(args) -> int:
     return 1 if manifest["failed"] else 0
 
 
-def _add_show_parser(sub) -> None:
-    from .show import add_arguments
+def _add_show_parser(sub, full: bool) -> None:
+    show = sub.add_parser("show", help="picture: the image, each encoder's features and the fused tokens "
+                                       "(PCA colours), ROI crops")
+    if full:
+        from .show import add_arguments
 
-    add_arguments(sub.add_parser("show", help="picture: the image, each encoder's features and the fused tokens "
-                                              "(PCA colours), ROI crops"))
+        add_arguments(show)
 
 
 def cmd_show(args) -> int:
@@ -199,9 +236,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     # then faults 512x fewer pages: the CPU merge runs ~1.5x faster (see the Benchmarks section
     # of the README). THP_MEM_ALLOC_ENABLE=0 in the environment opts out.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    parser = build_parser()
+    args_list = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in args_list if not a.startswith("-")), None))
     # overrides may stand after options too (`info tiny --weights random fusion.grid=3`)
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(args_list)
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

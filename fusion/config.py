@@ -322,9 +322,9 @@ def _parse_encoder(name: str, raw: Any) -> EncoderConfig:
     for required in ("type", "model"):
         if required not in raw:
             raise ValueError(f"{prefix}.{required}: missing (every encoder needs 'type' and 'model')")
-    from .encoders.registry import get_encoder_class
+    from .encoders.registry import check_encoder_type
 
-    get_encoder_class(nonempty_str(raw["type"], f"{prefix}.type"), key=f"{prefix}.type")
+    check_encoder_type(nonempty_str(raw["type"], f"{prefix}.type"), key=f"{prefix}.type")
     return _parse_section(EncoderConfig, {"name": name, **raw}, prefix, _ENCODER_CHECKS, hidden=("name",))
 
 

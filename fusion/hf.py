@@ -77,11 +77,12 @@ try:
     from transformers.image_processing_utils import BaseImageProcessor
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 except ImportError as err:  # pragma: no cover - exercised only without transformers
-    raise ImportError("fusion.hf needs transformers>=5: pip install 'fusion-tower[hf]'") from err
+    raise ImportError("fusion.hf needs transformers>=5.4: pip install 'fusion-tower[hf]'") from err
 
 from .config import TowerConfig, load_config, parse_config
 from .distributed import encoder_blocks
 from .hf_init import fill_unloaded
+from .geometry import TowerGeometry, config_geometry, geometry_of
 from .preprocess import EncoderInputs, ImageProcessor
 from .stages import generate_stages  # noqa: F401  (fusion.hf.generate_stages: staged reasoning)
 from .tower import WEIGHT_MODES, MultiEncoderTower
@@ -164,24 +165,26 @@ class FusionVisionConfig(PretrainedConfig):
         """``tower_config`` as a validated :class:`fusion.TowerConfig`."""
         return _parse_tower_yaml(self.tower_config)
 
-    def set_geometry(self, tower: MultiEncoderTower) -> None:
-        """Fill ``hidden_size``, ``image_size``, ``patch_size``, ``num_patches`` from a built tower."""
-        size = tower.image_processor.image_size
-        self.hidden_size = int(tower.hidden_size)
-        self.image_size = int(size)
-        self.patch_size = max(1, size // tower.num_patches_per_side)
-        self.num_patches = int(tower.num_patches)
-        self.image_mean = [float(v) for v in tower.image_processor.image_mean]
-        self.image_std = [float(v) for v in tower.image_processor.image_std]
+    def set_geometry(self, tower: Union[MultiEncoderTower, TowerGeometry]) -> None:
+        """Fill ``hidden_size``, ``image_size``, ``patch_size``, ``num_patches`` from a built tower
+        or its :class:`fusion.geometry.TowerGeometry`."""
+        geo = tower if isinstance(tower, TowerGeometry) else geometry_of(tower)
+        self.hidden_size = geo.hidden_size
+        self.image_size = geo.image_size
+        self.patch_size = max(1, geo.image_size // geo.num_patches_per_side)
+        self.num_patches = geo.num_patches
+        self.image_mean = list(geo.image_mean)
+        self.image_std = list(geo.image_std)
 
     def resolve_geometry(self) -> "FusionVisionConfig":
-        """Fill the geometry fields if unset, by building the tower with random weights on the CPU.
+        """Fill the geometry fields if unset, from :func:`fusion.geometry.tower_geometry` (a build
+        on the meta device: no weights are made, read or downloaded).
 
         Building the model fills them for free; this is for code that needs them
         before (a processor made ahead of the model). Returns ``self``.
         """
         if any(getattr(self, k) is None for k in _GEOMETRY):
-            self.set_geometry(MultiEncoderTower(self.tower_config_object(), weights="random", seed=self.seed))
+            self.set_geometry(config_geometry(self.tower_config_object()))
         return self
 
     @property

@@ -66,6 +66,7 @@ from torch import nn
 
 from .anyres import check_token_grid, parse_pinpoints
 from .config import TowerConfig, load_config
+from .geometry import config_geometry
 from .tower import MultiEncoderTower
 
 SELECT_FEATURES = ("patch", "cls_patch")
@@ -218,14 +219,15 @@ class FusionVisionTower(nn.Module):
         return self._llava_config
 
     def _sizes(self) -> Geometry:
-        """The tower's geometry; before load_model it comes from a random-weight build of the same
-        config (made once and dropped, as LLaVA's ``cfg_only`` answers it unloaded)."""
+        """The tower's geometry; before load_model it comes from the config through
+        :func:`fusion.geometry.config_geometry` (a meta-device build: no weights are made, as
+        LLaVA's ``cfg_only`` answers it unloaded)."""
         if self.is_loaded:
             tower = self.vision_tower
             return Geometry(tower.hidden_size, tower.num_patches, tower.image_processor.image_size)
         if self._probe is None:
-            probe = MultiEncoderTower(self.cfg_only, weights="random", seed=self.seed)
-            self._probe = Geometry(probe.hidden_size, probe.num_patches, probe.image_processor.image_size)
+            geo = config_geometry(self.cfg_only)
+            self._probe = Geometry(geo.hidden_size, geo.num_patches, geo.image_size)
         return self._probe
 
     @property

@@ -143,10 +143,13 @@ def _load_featurizers(tower: MultiEncoderTower, state: Mapping[str, torch.Tensor
         if enc_name not in tower.encoders:
             raise ValueError(f"featurizers[{featurizer!r}]: no encoder {enc_name!r}; "
                              f"encoders are {list(tower.encoders)}")
-        vit = _timm_vit(tower.encoders[enc_name])
+        enc = tower.encoders[enc_name]
+        vit = _timm_vit(enc)
+        prefix = "trunk." if vit is not enc.model else ""  # SigLIP: the ViT is open_clip's trunk
         load_strict(vit, take_prefix(state, f"{featurizer}."), f"encoders.{enc_name}", path,
                     f"Prismatic's {featurizer!r}: the timm state dict of encoders.{enc_name} "
-                    f"({tower.encoders[enc_name].cfg.model}, image_size {tower.encoders[enc_name].image_size})")
+                    f"({enc.cfg.model}, image_size {enc.image_size})",
+                    pruned=take_prefix(getattr(enc, "pruned", {}), prefix))
         loaded[enc_name] = featurizer
     return loaded
 

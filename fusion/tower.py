@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .boxes import BoxLike, tokens_in
-from .config import ConfigSource, EncoderConfig, Overrides, TowerConfig, load_config
+from .config import DTYPES, ConfigSource, EncoderConfig, Overrides, TowerConfig, load_config
 from .encoders.base import Encoder
 from .encoders.registry import get_encoder_class
 from .letterbox import check_image_sizes, choose_pad_colors, pad_weights, roi_pad_weights
@@ -32,6 +32,7 @@ from .projector import build_projector, projector_out_dim
 from .roi import check_roi_inputs
 
 WEIGHT_MODES = ("pretrained", "random")
+NONFINITE_PIXELS = "pixel_values: contains NaN or infinite values"
 
 
 @dataclass
@@ -71,7 +72,20 @@ class TowerOutput:
         return tokens_in(self.token_boxes, box, min_overlap)
 
 
-def _encoder_seed(seed: int, name: str) -> int:
+def resolve_dtype(dtype: Union[str, torch.dtype, None], key: str) -> Optional[torch.dtype]:
+    """``None``, a torch floating dtype or its name (``"bfloat16"``) -> ``None`` or the dtype;
+    anything else is an error naming ``key``."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype) and str(dtype).split(".")[-1] in DTYPES:
+        return dtype
+    raise (TypeError if not isinstance(dtype, (str, torch.dtype)) else ValueError)(
+        f"{key}: got {dtype!r}; accepted values are {list(DTYPES)} (or the torch dtypes), or None")
+
+
+def encoder_seed(seed: int, name: str) -> int:
     """A per-encoder seed, so dropping one encoder leaves the others' weights unchanged."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
@@ -80,7 +94,7 @@ def build_encoder(name: str, cfg: EncoderConfig, load_weights: bool, seed: int) 
     """Encoder ``name`` as :class:`MultiEncoderTower` builds it: its ``pretrained`` weights when
     ``load_weights``, else the upstream initialisation seeded from ``seed`` and ``name``."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_encoder_seed(seed, name))
+        torch.manual_seed(encoder_seed(seed, name))
         return get_encoder_class(cfg.type, key=f"encoders.{name}.type")(cfg, load_weights)
 
 
@@ -88,7 +102,7 @@ def build_merge_and_projector(encoders: Dict[str, Encoder], config: TowerConfig,
                               seed: int) -> Tuple[FusionMerge, nn.Module]:
     """The merge and the projector for ``encoders`` (name -> encoder, in channel order), seeded from ``seed``."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_encoder_seed(seed, "merge+projector"))
+        torch.manual_seed(encoder_seed(seed, "merge+projector"))
         specs = [GridSpec(name, tuple(enc.grid), scaled_dim(enc)) for name, enc in encoders.items()]
         merge = FusionMerge(specs, config.fusion)
         return merge, build_projector(config.projector, merge.out_dim)
@@ -97,8 +111,10 @@ def build_merge_and_projector(encoders: Dict[str, Encoder], config: TowerConfig,
 class MultiEncoderTower(nn.Module):
     """Several vision encoders, merged and projected into one token sequence."""
 
-    def __init__(self, config: TowerConfig, weights: str = "pretrained", seed: int = 0):
+    def __init__(self, config: TowerConfig, weights: str = "pretrained", seed: int = 0,
+                 dtype: Union[str, torch.dtype, None] = None):
         super().__init__()
+        self.build_dtype = resolve_dtype(dtype, "dtype")
         if not isinstance(config, TowerConfig):
             raise TypeError(f"config: expected a TowerConfig (see fusion.load_config), got {type(config).__name__}")
         if weights not in WEIGHT_MODES:
@@ -113,6 +129,12 @@ class MultiEncoderTower(nn.Module):
                                        for name, enc_cfg in config.encoders.items()})
         self._build_preprocessing(config)
         self.merge, self.projector = build_merge_and_projector(self.encoders, config, seed)
+        if self.build_dtype is not None:  # the whole tower in that dtype; an encoder's own `dtype` wins
+            for enc in self.encoders.values():
+                if enc.cfg.dtype is None:
+                    enc.to(self.build_dtype)
+            self.merge.to(self.build_dtype)
+            self.projector.to(self.build_dtype)
         self.is_loaded = True
 
     def _build_preprocessing(self, config: TowerConfig) -> None:
@@ -320,8 +342,14 @@ class MultiEncoderTower(nn.Module):
         if pixel_values.device != self.device:
             pixel_values = pixel_values.to(self.device, non_blocking=True)
         pixel_values = pixel_values.float()
-        if not torch.isfinite(pixel_values).all():
-            raise ValueError("pixel_values: contains NaN or infinite values")
+        finite = torch.isfinite(pixel_values).all()
+        if torch.compiler.is_compiling():
+            # inside torch.compile: no data-dependent branch (a graph break and a host sync); the
+            # check stays in the graph as an asynchronous assertion (RuntimeError on the CPU,
+            # a device-side assert on CUDA)
+            torch._assert_async(finite, NONFINITE_PIXELS)
+        elif not finite:
+            raise ValueError(NONFINITE_PIXELS)
         return pixel_values
 
     # ------------------------------------------------------------------ distributed
@@ -346,7 +374,7 @@ class MultiEncoderTower(nn.Module):
         """
         from .encoders.sources import encoder_report
 
-        return {name: encoder_report(enc, self.weights, self.seed, _encoder_seed(self.seed, name))
+        return {name: encoder_report(enc, self.weights, self.seed, encoder_seed(self.seed, name))
                 for name, enc in self.encoders.items()}
 
     # ------------------------------------------------------------------ persistence
@@ -377,10 +405,12 @@ def _cat_weights(weight: Optional[torch.Tensor], roi_weight: Optional[torch.Tens
 
 
 def build_tower(source: ConfigSource, overrides: Overrides = None, weights: str = "pretrained",
-                seed: int = 0) -> MultiEncoderTower:
+                seed: int = 0, dtype: Union[str, torch.dtype, None] = None) -> MultiEncoderTower:
     """Build a tower from a preset name, a config file, a dict or a :class:`TowerConfig`.
 
     ``weights="random"`` initialises every encoder from ``seed`` (no downloads), so two
-    runs or two processes give the same features.
+    runs or two processes give the same features. ``dtype`` (``"float32"``, ``"float16"``,
+    ``"bfloat16"`` or a torch dtype) runs the whole tower in that dtype; an encoder whose
+    config sets its own ``dtype`` keeps it.
     """
-    return MultiEncoderTower(load_config(source, overrides), weights=weights, seed=seed)
+    return MultiEncoderTower(load_config(source, overrides), weights=weights, seed=seed, dtype=dtype)

@@ -46,6 +46,7 @@ import fusion
 from fusion.letterbox import pad_weights
 from fusion.prismatic import load_prism_checkpoint
 from test_preprocess import expand2square, natural_image
+from weights_helpers import unpruned
 
 PRISM_DINO = "vit_large_patch14_reg4_dinov2.lvd142m"
 PRISM_SIGLIP = "vit_so400m_patch14_siglip_384"
@@ -250,13 +251,16 @@ def test_tiny_dinosiglip_letterbox_uses_each_encoders_mean(tiny_prismatic):
 @pytest.fixture(scope="module")
 def full_dinosiglip(tmp_path_factory):
     """The real dinosiglip preset (random weights) with a Prism fused-gelu-mlp projector loaded from a
-    checkpoint; the reference featurizers ARE the tower's timm modules (same weights, one copy)."""
+    checkpoint; the reference featurizers are the timm modules of the same preset built with the
+    same seed and kept whole (the tower drops the blocks after the selected one)."""
     tower = fusion.build_tower("dinosiglip", weights="random").eval()
+    with unpruned():
+        whole = fusion.build_tower("dinosiglip", weights="random").eval()
     projector = PrismFusedMLP(1024 + 1152, 4096).eval()
     path = tmp_path_factory.mktemp("prism") / "latest-checkpoint.pt"
     write_prism_checkpoint(path, projector)
     assert load_prism_checkpoint(tower, str(path)) == {"projector": "fused-gelu-mlp", "encoders": {}}
-    return tower, tower.encoders["dino"].model, tower.encoders["siglip"].model.trunk, projector
+    return tower, whole.encoders["dino"].model, whole.encoders["siglip"].model.trunk, projector
 
 
 @pytest.mark.slow
@@ -349,11 +353,14 @@ TINY_LLAVA15 = ["encoders.clip.image_size=64", "fusion.grid=4",
 
 @pytest.mark.parametrize("size", [pytest.param("tiny"), pytest.param("full", marks=pytest.mark.slow)])
 def test_llava15_equals_llavas_clip_tower(size):
-    tower = fusion.build_tower("llava15", TINY_LLAVA15 if size == "tiny" else [], weights="random").eval()
+    overrides = TINY_LLAVA15 if size == "tiny" else []
+    tower = fusion.build_tower("llava15", overrides, weights="random").eval()
+    with unpruned():  # the same seeded weights with the whole CLIP (LLaVA's model holds every layer)
+        whole = fusion.build_tower("llava15", overrides, weights="random").eval()
     s = tower.encoders["clip"].image_size
     for w, h, bound in ((s, s, 1e-5), (s * 3 // 2, s, 0.05)):  # identical pixels; LLaVA's 8-bit pad + resize
         image = natural_image(w, h, 4)
         with torch.no_grad():
             ours = tower(**tower.image_processor(image))
         # measured: 1e-7 / 0.006 (tiny), 4e-7 / 0.008 norm, 0.03 max (full size)
-        assert max(relative(ours, llava_tower(tower, image))) <= bound
+        assert max(relative(ours, llava_tower(whole, image))) <= bound

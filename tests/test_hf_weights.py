@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from fusion.config import EncoderConfig
 from fusion.encoders.registry import get_encoder_class
 from fusion.encoders.sources import WeightsUnavailable, file_sha256
-from weights_helpers import isolated_caches, put_in_hub_cache
+from weights_helpers import isolated_caches, put_in_hub_cache, unpruned
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,6 +50,13 @@ def perturbed(model):
 def build(type_, model, folder, **kw):
     cfg = EncoderConfig(name=type_, type=type_, model=model, pretrained=str(folder), **kw)
     return get_encoder_class(type_)(cfg)
+
+
+def build_unpruned(type_, model, folder, **kw):
+    """``build`` keeping the whole upstream model (final norms, pooling and projection heads),
+    to check that the key maps carry those too (the tower itself drops them after loading)."""
+    with unpruned():
+        return build(type_, model, folder, **kw)
 
 
 def clip_vision_config(**kw):
@@ -100,11 +107,13 @@ def test_clip_parity(tmp_path, arch, layer):
         out = enc(x)
         hidden = tower(pixel_values=x, output_hidden_states=True).hidden_states[layer]
         assert rel_err(out, hidden[:, 1:].reshape(2, 14, 14, 64)) <= TOL
+        full = build_unpruned("clip", "ViT-B-16", tmp_path / "hf", layer=layer, arch=CLIP_ARCH)
         if arch == "CLIPModel":  # the projection head maps too: open_clip's pooled output = get_image_features
-            assert rel_err(enc.model(x), hf.get_image_features(pixel_values=x).pooler_output) <= TOL
+            assert rel_err(full.model(x), hf.get_image_features(pixel_values=x).pooler_output) <= TOL
     assert enc.loaded_weights.kind == "hf" and enc.loaded_weights.files == (str(tmp_path / "hf" / "model.safetensors"),)
     has_head_note = any("no CLIP projection/pooling head" in n for n in enc.loaded_weights.notes)
-    assert has_head_note == (arch == "CLIPVisionModel") and (enc.model.proj is None) == has_head_note
+    assert has_head_note == (arch == "CLIPVisionModel") and (full.model.proj is None) == has_head_note
+    assert enc.model.proj is None  # the tower never runs the head: pruned after loading
 
 
 @pytest.mark.parametrize("arch", ["SiglipVisionModel", "SiglipModel"])
@@ -125,7 +134,8 @@ def test_siglip_parity(tmp_path, arch):
         # module collects hidden_states (5.4 only the outermost model)
         got = tower(pixel_values=x)
         assert rel_err(enc(x), outputs[-1].reshape(2, 14, 14, 64)) <= TOL
-        trunk = enc.model.trunk  # the MAP head maps too: timm's pooled output = transformers' pooler_output
+        trunk = build_unpruned("siglip", "ViT-B-16-SigLIP", tmp_path / "hf", layer=-1, arch=SIGLIP_ARCH).model.trunk
+        # the MAP head maps too: timm's pooled output = transformers' pooler_output
         assert rel_err(trunk.forward_head(trunk.forward_features(x)), got.pooler_output) <= TOL
 
 
@@ -160,7 +170,8 @@ def test_dinov2_parity(tmp_path, arch, model, extra, layer=-2):
         got = hf(pixel_values=x, output_hidden_states=True)
         assert rel_err(enc(x), got.hidden_states[layer][:, prefix:].reshape(1, 37, 37, 48)) <= TOL
         # the final norm maps too: timm's forward_features (CLS, registers, patches) = last_hidden_state
-        assert rel_err(enc.model.forward_features(x), got.last_hidden_state) <= TOL
+        full = build_unpruned("dinov2", model, tmp_path / "hf", layer=layer, image_size=518, arch=DINO_ARCH)
+        assert rel_err(full.model.forward_features(x), got.last_hidden_state) <= TOL
 
 
 def test_sam_parity(tmp_path):

@@ -23,7 +23,7 @@ from fusion.config import EncoderConfig, list_presets, load_config
 from fusion.encoders import sam as sam_module
 from fusion.encoders.registry import get_encoder_class
 from fusion.encoders.sources import WeightsUnavailable, resolve_pretrained
-from weights_helpers import LocalHub, isolated_caches, put_in_hub_cache
+from weights_helpers import LocalHub, isolated_caches, put_in_hub_cache, unpruned
 
 TEXT = {"layers": 1, "width": 32, "heads": 2, "vocab_size": 64, "context_length": 8}
 # llava15 itself (its QuickGELU CLIP ViT-L/14-336 at 336 px, layer -2), narrowed and shortened
@@ -36,8 +36,9 @@ DINOSIGLIP_SMALL = {"encoders.dino.arch": DINO_SMALL, "encoders.siglip.arch": SI
 SAM_SMALL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1]}
 
 
-def states_equal(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+def states_equal(ref, ours, pruned=()):
+    """``ours`` holds exactly ``ref``'s tensors but the ``pruned`` ones (what the tower never runs)."""
+    return set(ref) == set(ours) | set(pruned) and all(torch.equal(ref[k], v) for k, v in ours.items())
 
 
 def sha12(path):
@@ -51,7 +52,8 @@ def sha12(path):
 def test_llava15_by_tag_equals_llava15_from_a_local_file_bit_for_bit(tmp_path, monkeypatch, overrides):
     caches = isolated_caches(monkeypatch, tmp_path)
     # the tag's architecture (the preset's: QuickGELU) with random weights ...
-    by_config = fusion.build_tower("llava15", overrides, weights="random", seed=3)
+    with unpruned():  # the whole model, as the tag's file holds it
+        by_config = fusion.build_tower("llava15", overrides, weights="random", seed=3)
     # ... written as the tag's file: the full open_clip state dict, as open_clip publishes it
     small = {"embed_dim": 16, "text_cfg": TEXT} if overrides else {}
     vision_cfg = {**open_clip.get_model_config("ViT-L-14-336")["vision_cfg"],
@@ -76,7 +78,8 @@ def test_llava15_by_tag_equals_llava15_from_a_local_file_bit_for_bit(tmp_path, m
     del from_file, by_config
     ref = open_clip.create_model("ViT-L-14-336", pretrained="openai", force_quick_gelu=True, vision_cfg=vision_cfg,
                                  **small)
-    assert states_equal(ref.visual.state_dict(), by_tag.encoders["clip"].model.state_dict())
+    clip = by_tag.encoders["clip"]
+    assert states_equal(ref.visual.state_dict(), clip.model.state_dict(), clip.pruned)
     report = by_tag.weights_report()["clip"]
     assert (report["source"], report["pretrained"], report["library"]) == ("tag", "openai", "open_clip")
     assert report["files"] == [str(cached)] and report["sha256"] == sha12(file)
@@ -102,10 +105,11 @@ def test_dinosiglip_tags_equal_local_files_and_the_upstream_loaders(tmp_path, mo
         assert torch.equal(by_tag(pixels), from_files(pixels))
     # timm's and open_clip's own tag loaders (position embeddings resampled 518 -> 378 px by timm's filter)
     timm_ref = timm.create_model("vit_large_patch14_reg4_dinov2.lvd142m", pretrained=True, img_size=378, **DINO_SMALL)
-    assert states_equal(timm_ref.state_dict(), by_tag.encoders["dino"].model.state_dict())
+    dino, siglip = by_tag.encoders["dino"], by_tag.encoders["siglip"]
+    assert states_equal(timm_ref.state_dict(), dino.model.state_dict(), dino.pruned)
     clip_ref = open_clip.create_model("ViT-SO400M-14-SigLIP-384", pretrained="webli", embed_dim=32, text_cfg=TEXT,
                                       vision_cfg=siglip_vision)
-    assert states_equal(clip_ref.visual.state_dict(), by_tag.encoders["siglip"].model.state_dict())
+    assert states_equal(clip_ref.visual.state_dict(), siglip.model.state_dict(), siglip.pruned)
     notes = by_tag.weights_report()["dino"]["notes"]
     assert notes == ["position embeddings resampled from 1369 to 729 tokens"]
 

@@ -9,11 +9,14 @@
   (``/<repo>/resolve/main/<file>`` with the ``X-Repo-Commit`` / ``ETag`` headers
   ``huggingface_hub`` reads) and like a plain download site (any other path), counting
   the files it serves.
+- :func:`unpruned`: adapters keep the whole upstream model (final norms, heads), to compare
+  everything a checkpoint holds with the upstream's own loaders.
 - ``fusion_test_siglip``: a tiny timm ViT with SigLIP's structure (no CLS token, MAP head),
   registered in timm's model registry so open_clip can build it by name.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import threading
@@ -33,6 +36,21 @@ def fusion_test_siglip(pretrained: bool = False, **kwargs) -> VisionTransformer:
     args = dict(patch_size=16, embed_dim=64, depth=3, num_heads=2, mlp_ratio=2.0, class_token=False, global_pool="map")
     return build_model_with_cfg(VisionTransformer, "vit_base_patch16_siglip_224", pretrained,
                                 pretrained_filter_fn=checkpoint_filter_fn, **dict(args, **kwargs))
+
+
+@contextlib.contextmanager
+def unpruned():
+    """Within the block, the CLIP/SigLIP and DINOv2 adapters skip ``prune_unused`` (the tower
+    itself drops the blocks, norms and heads it never runs, after loading)."""
+    import pytest
+
+    import fusion.encoders.clip as clip_module
+    import fusion.encoders.dinov2 as dinov2_module
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (clip_module, dinov2_module):
+            patch.setattr(module, "prune_unused", lambda model, prune: {})
+        yield
 
 
 def isolated_caches(monkeypatch, tmp_path: Path, offline: bool = True) -> Dict[str, Path]:

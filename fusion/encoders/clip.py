@@ -34,6 +34,12 @@ checkpoint's.
 
 ``forward`` returns the output of the selected block, before the final norm, prefix
 tokens removed: ``[B, h, w, width]``.
+
+Only what runs is kept: after the weights are loaded, the blocks after the selected one,
+the final norm, the projection and pooling heads are dropped with the upstream's own
+``prune_intermediate_layers`` (``visual`` for open_clip's ViT, the timm trunk for a
+``TimmModel``; open_clip's attentional pooler and a ``TimmModel``'s projection head,
+which that call keeps, are dropped too). ``depth`` stays the unpruned block count.
 """
 from __future__ import annotations
 
@@ -65,6 +71,7 @@ from .weights import (
     finalize,
     load_strict,
     param_dtype,
+    prune_unused,
     resolve_pretrained,
     take_prefix,
     unknown_model,
@@ -125,6 +132,7 @@ class OpenClipEncoder(Encoder):
         if path is not None:
             self._load(source, path, clip_model)
         self.block = block_index(cfg.layer, self.depth, f"{prefix}.layer")
+        self.pruned = prune_unused(self.model, lambda: _prune(self.model, self.block))
         self.mean = tuple(float(v) for v in tag_cfg.get("mean", self.default_mean))
         self.std = tuple(float(v) for v in tag_cfg.get("std", self.default_std))
         interpolation = tag_cfg.get("interpolation", "bicubic")
@@ -140,6 +148,9 @@ class OpenClipEncoder(Encoder):
             kwargs["vision_cfg"] = {**kwargs.get("vision_cfg", open_clip.get_model_config(cfg.model)["vision_cfg"]),
                                     "image_size": cfg.image_size}
             kwargs["force_image_size"] = cfg.image_size
+        # open_clip moves the model to `device` (default "cpu"): pass the current default device,
+        # so that a build under `torch.device("meta")` (fusion.geometry) stays on meta
+        kwargs["device"] = torch.empty(()).device
         return create_upstream(lambda: open_clip.create_model(cfg.model, pretrained=None, **kwargs),
                                cfg, prefix, "open_clip")
 
@@ -278,6 +289,19 @@ def _geometry(visual: torch.nn.Module, cfg: EncoderConfig, prefix: str) -> Tuple
         raise ValueError(f"{prefix}.image_size: {cfg.model!r} takes {tuple(size)} inputs; only square inputs are "
                          f"supported, set encoders.{cfg.name}.image_size")
     return int(size[0]), int(patch[0]), (int(grid[0]), int(grid[1])), int(width), int(depth)
+
+
+def _prune(visual: torch.nn.Module, block: int) -> None:
+    """Keep blocks ``0..block`` of ``visual``; drop its final norm and every pooling/projection head
+    (``forward_intermediates(..., intermediates_only=True)`` uses none of them)."""
+    if isinstance(visual, TimmModel):
+        visual.trunk.prune_intermediate_layers([block], prune_norm=True, prune_head=True)
+        visual.head = torch.nn.Sequential()  # open_clip's projection after the trunk's pooling
+    else:
+        visual.prune_intermediate_layers([block], prune_norm=True, prune_head=True)
+        for pooler in ("attn_pool", "attn_pool_contrastive"):  # CoCa-style poolers (None on CLIP)
+            if getattr(visual, pooler, None) is not None:
+                setattr(visual, pooler, None)
 
 
 def _visual_state(state: Dict[str, torch.Tensor], key: str, path: str) -> Dict[str, torch.Tensor]:

@@ -19,7 +19,9 @@ loader does (position-embedding resampling, Meta's original DINOv2 key layout), 
 loaded strictly.
 
 ``forward`` returns the output of the selected block, before the final norm, with the
-prefix tokens (CLS and registers) removed: ``[B, h, w, embed_dim]``.
+prefix tokens (CLS and registers) removed: ``[B, h, w, embed_dim]``. After loading, timm's
+own ``prune_intermediate_layers`` drops the blocks after the selected one, the final norm
+and the head, which that output never uses (``depth`` stays the unpruned block count).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from .weights import (
     finalize,
     load_strict,
     param_dtype,
+    prune_unused,
     resolve_pretrained,
     unknown_model,
 )
@@ -95,6 +98,9 @@ class Dinov2Encoder(Encoder):
         self.depth = len(self.model.blocks)
         self.num_prefix_tokens = int(self.model.num_prefix_tokens)
         self.block = block_index(cfg.layer, self.depth, f"{prefix}.layer")
+        # keep only what runs: blocks 0..block (no final norm, no head); depth stays the full count
+        self.pruned = prune_unused(self.model, lambda: self.model.prune_intermediate_layers(
+            [self.block], prune_norm=True, prune_head=True))
         pretrained_cfg = self.model.pretrained_cfg
         self.mean = tuple(float(v) for v in pretrained_cfg["mean"])
         self.std = tuple(float(v) for v in pretrained_cfg["std"])

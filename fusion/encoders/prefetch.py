@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from ..config import EncoderConfig
-from .fetch import fetch, hf_repo_folder
+from .fetch import cached_file, fetch, hf_repo_folder
 from .registry import get_encoder_class
-from .sources import file_md5, resolve_pretrained
+from .sources import RANDOM, file_md5, files_sha256, resolve_pretrained
 
 
 @dataclass
@@ -64,3 +64,37 @@ def _local_files(path: Optional[str]) -> List[str]:
     if path and os.path.isdir(path):
         return sorted(os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
     return [path] if path else []
+
+
+def planned_source(cfg: EncoderConfig, weights: str, seed: int, encoder_seed: int) -> Dict[str, Any]:
+    """Where encoder ``cfg`` would take its weights from, found without building, reading a
+    model or downloading anything (``fusion-tower info``), in the shape of a
+    ``tower.weights_report()`` entry: ``random`` (``seed``, ``encoder_seed``), or ``tag`` /
+    ``file`` / ``hf`` with the ``files`` already on this machine and their ``sha256`` prefix;
+    a tag or hub repo that is not cached yet says so in ``notes``."""
+    text = cfg.pretrained
+    if weights == "random" or text in (None, RANDOM):
+        out: Dict[str, Any] = {"source": "random", "pretrained": text, "seed": seed, "encoder_seed": encoder_seed}
+        if text not in (None, RANDOM):
+            out["notes"] = [f"weights='random': {text!r} is not loaded"]
+        return out
+    cls = get_encoder_class(cfg.type, key=f"encoders.{cfg.name}.type")
+    library = getattr(cls, "library", cls.__name__)
+    source = resolve_pretrained(cfg, cls.pretrained_tags(cfg), True, library)
+    out = {"source": source.kind, "pretrained": text, "library": library}
+    if source.kind == "tag":
+        remote = cls.tag_checkpoint(cfg, source.value)
+        path = cached_file(remote)
+        paths = [path] if path else []
+        missing = f"not in {remote.library}'s cache yet ({remote.cache_location()}); `fusion-tower download` fetches it"
+    elif source.repo:
+        paths, missing = [], f"resolved from the Hugging Face hub cache ({source.repo}) when the tower is built"
+    else:
+        paths, missing = _local_files(source.value), "no files at that path"
+        if source.kind == "hf":
+            out["folder"] = source.value
+    if paths:
+        out.update(files=paths, sha256=files_sha256(paths))
+    else:
+        out["notes"] = [missing]
+    return out

@@ -23,6 +23,10 @@ trained with: an ``arch`` or ``image_size`` that differs from it is an error nam
 values (SAM's position embeddings are not resampled).
 
 ``forward``: ``[B, 3, S, S]`` normalised pixels -> ``[B, S/16, S/16, out_chans]`` (256).
+Every block's attention runs :class:`fusion.encoders.sam_attention.RelPosSdpaAttention`
+(swapped in on this model's instances, same parameters and state-dict keys): the same
+function as segment_anything's ``Attention`` without its ``[B*heads, L, L]`` score and bias
+matrices. Every block and the neck are used, so nothing is pruned.
 SAM normalises with ``pixel_mean/255`` and ``pixel_std/255`` and pads the bottom/right
 of a longest-side-resized image (``resize = "longest_side_pad"``).
 """
@@ -44,6 +48,7 @@ from .base import Encoder
 from .registry import register_encoder
 from .fetch import Remote
 from .loading import locate, read_source
+from .sam_attention import install as install_sam_attention
 from .weights import (
     LoadedWeights,
     check_keys,
@@ -139,6 +144,7 @@ class SamEncoder(Encoder):
         self.grid = (self.image_size // self.patch_size,) * 2
         self.dim = kwargs["out_chans"]
         self.depth = kwargs["depth"]
+        install_sam_attention(self.model)
         finalize(self.model, cfg)
 
     def _load(self, source, path: str) -> None:

@@ -213,6 +213,8 @@ def describe(entry: Dict[str, Any]) -> str:
     what = {"tag": f"tag {entry['pretrained']!r} from {entry.get('library')}'s cache",
             "file": "file", "hf": f"Hugging Face {entry['pretrained']!r}"}[entry["source"]]
     files = entry.get("files") or []
+    if not files:  # a planned source (fusion-tower info) whose files are not on this machine yet
+        return f"{what} (not on this machine)"
     where = files[0] if len(files) == 1 else f"{entry.get('folder') or os.path.dirname(files[0])} ({len(files)} shards)"
     return f"{what}: {where} sha256 {entry.get('sha256')}"
 

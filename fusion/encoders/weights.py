@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import os
 import pickle
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -127,12 +127,22 @@ def take_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, tor
 # ----------------------------------------------------------------------------- strict loading
 
 
-def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], key: str, path: str, expected: str) -> None:
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], key: str, path: str, expected: str,
+                pruned: Optional[Mapping[str, torch.Size]] = None) -> None:
     """Load ``state`` into ``module``; any missing/unexpected key or shape mismatch is a ValueError.
 
     ``expected`` says what the file should hold (e.g. "the full open_clip state dict of
-    ViT-B-16"), for the message.
+    ViT-B-16"), for the message. ``pruned``: the parameters the module had before
+    :func:`prune_unused` dropped them (name -> shape); a checkpoint of the whole upstream
+    model holds them, so they are checked against those shapes and skipped.
     """
+    if pruned:
+        bad = [f"{k!r}: file {list(v.shape)} vs model {list(pruned[k])}" for k, v in state.items()
+               if k in pruned and v.shape != pruned[k]]
+        if bad:
+            raise ValueError(f"{key}: {path!r} does not fit the model: {_listing('shape mismatch', bad, quote=False)}."
+                             f" The file should hold {expected}.")
+        state = {k: v for k, v in state.items() if k not in pruned}
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -149,6 +159,17 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], key: str, 
         raise ValueError(f"{key}: {path!r} does not fit the model: {'; '.join(parts)}. "
                          f"The file should hold {expected}.")
     module.load_state_dict(dict(state), strict=True)
+
+
+def prune_unused(module: nn.Module, prune: Callable[[], None]) -> Dict[str, torch.Size]:
+    """Run ``prune()`` (which drops the parts of ``module`` the tower never runs: blocks after
+    the selected layer, final norms, heads) and return what it dropped: state-dict name ->
+    shape, so a checkpoint of the whole upstream model still loads strictly (``load_strict``'s
+    ``pruned``)."""
+    before = {k: v.shape for k, v in module.state_dict().items()}
+    prune()
+    after = module.state_dict()
+    return {k: shape for k, shape in before.items() if k not in after}
 
 
 def _listing(what: str, items: List[str], quote: bool = True) -> str:
