@@ -91,9 +91,29 @@ def _meta_geometry(config_yaml: str, weights: str) -> TowerGeometry:
     from .tower import MultiEncoderTower
 
     config = parse_config(yaml.safe_load(config_yaml))
-    with torch.device("meta"):
+    with _meta_build():
         tower = MultiEncoderTower(config, weights="random")  # random: read and download nothing
     return geometry_of(tower, tags_loaded=weights == "pretrained")
+
+
+def _meta_build():
+    """Like ``with torch.device("meta")``, except that ``torch.linspace``/``arange``/``logspace``
+    stay on the CPU: upstream constructors read such ranges as Python numbers while they build
+    (timm before 1.0.21 computes its drop-path schedule as
+    ``[x.item() for x in torch.linspace(0, rate, depth)]``, which a meta tensor cannot answer).
+    They are index-sized, so nothing of the model's size is ever allocated."""
+    import torch
+    from torch.utils._device import DeviceContext
+
+    ranges = (torch.linspace, torch.arange, torch.logspace)
+
+    class _MetaExceptRanges(DeviceContext):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in ranges:
+                return func(*args, **(kwargs or {}))
+            return super().__torch_function__(func, types, args, kwargs)
+
+    return _MetaExceptRanges(torch.device("meta"))
 
 
 def geometry_of(tower, tags_loaded: Optional[bool] = None) -> TowerGeometry:
