@@ -55,12 +55,15 @@ def _has_params(module: nn.Module) -> bool:
 
 
 def fsdp_units(tower) -> List[nn.Module]:
-    """Modules to shard, innermost first: each encoder's blocks, each encoder, the projector (if
-    it has parameters). Shard the tower itself last: it holds the rest (the merge)."""
+    """Modules to shard, innermost first: each encoder's blocks, each encoder, the SVA's layers
+    (``combine: sva``), the projector (if it has parameters). Shard the tower itself last: it
+    holds the rest (the merge)."""
     units: List[nn.Module] = []
     for enc in tower.encoders.values():
         units.extend(encoder_blocks(enc))
         units.append(enc)
+    if tower.merge.sva is not None:  # combine: sva: each aggregation layer is a unit (tens of MB at dim 1024)
+        units.extend(tower.merge.sva.blocks())
     if _has_params(tower.projector):
         units.append(tower.projector)
     return units

@@ -34,19 +34,23 @@ from torch import Tensor
 
 from . import _validate as V
 from ._canonical import require_canonical
-from ._plan import DOT_MIN, dot_precision, next_pow2
-from ._triton import HAVE_TRITON, triton_runs_on
+from ._plan import DOT_MIN, next_pow2
+from ._triton import HAVE_TRITON, tl, triton_runs_on
 from ._window_attention_jit import _window_attention_bwd_kernel, _window_attention_fwd_kernel
 from .window_attention_reference import window_attention_reference, window_attention_reference_backward
 from .windows import WindowTable, area_windows, check_windows
 
 require_canonical(__name__)  # registering the fusion:: ops twice frees them under live handles
 
-MAX_SLOTS = 4      # encoders per launch (the kernels unroll this many pointer slots)
-QUERY_TILE = 128   # query cells per program: [128, 64] fp32 tiles are 32 registers/thread at 8 warps
-FWD_KEYS = 64      # keys per forward chunk: q, acc, scores [128, 64] + K, V [64, 64] fit without spills
-BWD_KEYS = 32      # the backward holds q, dO, dq, p, ds and four [keys, d] tiles: half the chunk
-MAX_HEAD_DIM = 256  # a [128, 256] fp32 tile per program is already past the register file
+MAX_SLOTS = 4       # encoders per launch (the kernels unroll this many pointer slots)
+MAX_HEAD_DIM = 256  # a [query tile, 256] fp32 accumulator is already past the register file
+# (query cells per program, keys per chunk, warps) per pass and operand width: the largest
+# tiles that ptxas compiles without spills for sm_80, sm_86 and sm_90 at the vsre shapes
+# (benchmarks/compile_sva.py). fp32 operands multiply on CUDA cores, whose dot layouts hold
+# whole operand rows per thread, hence the smaller key chunks; the backward holds q, dO,
+# dq and p, ds, dk, dv per chunk, hence the smaller query tile.
+TILES = {("fwd", 2): (128, 32, 8), ("fwd", 4): (64, 16, 8),
+         ("bwd", 2): (64, 16, 8), ("bwd", 4): (64, 16, 8)}
 
 
 # --------------------------------------------------------------------------------------
@@ -54,19 +58,24 @@ MAX_HEAD_DIM = 256  # a [128, 256] fp32 tile per program is already past the reg
 # --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class WindowPlan:
-    """Block sizes of one ``window_attention`` shape (see :func:`window_plan`)."""
-    BY: int                                   # query rows per band (one program per band, batch, head)
-    BM: int                                   # query tile rows (pow2 >= BY * Gw)
-    BD: int                                   # head-dim tile (pow2 >= d)
+class PassPlan:
+    """Bands and chunks of one pass (forward or backward)."""
+    BY: int                                 # query rows per band (one program per band, batch item, head)
+    BM: int                                 # query tile rows (pow2 >= BY * Gw)
     n_bands: int
-    fwd_chunks: Tuple[Tuple[int, int], ...]   # per encoder: (rows BR, columns BCW) of a forward key chunk
-    bwd_chunks: Tuple[Tuple[int, int], ...]   # the same for the backward
-    seam_rows: Tuple[int, ...]                # per encoder: key rows a band shares with the previous one (max)
-    seam_offsets: Tuple[int, ...]             # per encoder: first seam token
-    seam_tokens: int                          # seam tokens per batch item, all encoders
-    fwd_warps: int
-    bwd_warps: int
+    chunks: Tuple[Tuple[int, int], ...]     # per encoder: (rows BR, columns BCW) of a key chunk
+    warps: int
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Block sizes of one ``window_attention`` shape and dtype (see :func:`window_plan`)."""
+    BD: int                       # head-dim tile (pow2 >= d)
+    fwd: PassPlan
+    bwd: PassPlan
+    seam_rows: Tuple[int, ...]    # per encoder: key rows a backward band shares with the previous one (max)
+    seam_offsets: Tuple[int, ...]  # per encoder: its first seam token
+    seam_tokens: int              # seam tokens per batch item, all encoders
     num_stages: int
 
 
@@ -97,41 +106,104 @@ def _chunk(w: int, rows_per_band: Sequence[int], keys: int) -> Tuple[int, int]:
     return best[1]
 
 
+def _pass(win: WindowTable, query_tile: int, keys: int, warps: int) -> PassPlan:
+    """Bands of ``query_tile // Gw`` query rows (all columns), more rows when enlarging windows
+    would share a key row between non-neighbouring bands."""
+    Gh, Gw = win.size
+    BY = max(1, min(Gh, query_tile // Gw))
+    while BY < Gh and not _bands_ok(win, BY):
+        BY += 1
+    chunks = tuple(_chunk(w, [re - rs for rs, re in _band_rows(win, i, BY)], keys)
+                   for i, (_, w) in enumerate(win.grids))
+    return PassPlan(BY, max(DOT_MIN, next_pow2(BY * Gw)), -(-Gh // BY), chunks, warps)
+
+
 @functools.lru_cache(maxsize=256)
 def window_plan(size: Tuple[int, int], grids: Tuple[Tuple[int, int], ...], head_dim: int,
                 dtype: torch.dtype = torch.float16) -> WindowPlan:
-    """Block sizes for query grid ``size`` over ``grids`` with head dimension ``head_dim``.
-
-    Bands of ``BY = QUERY_TILE // Gw`` query rows (all columns); more rows when
-    enlarging windows would share a key row between non-neighbouring bands. ``dtype``
-    is part of the key (kernels specialise on it); the blocks do not depend on it yet.
-    """
+    """Block sizes for query grid ``size`` over ``grids``, head dimension ``head_dim``, inputs of
+    ``dtype`` (tiles from ``TILES``; the seam slots of the backward's bands)."""
     win = area_windows(grids, size)
-    Gh, Gw = size
-    BY = max(1, min(Gh, QUERY_TILE // Gw))
-    while BY < Gh and not _bands_ok(win, BY):
-        BY += 1
-    n_bands = -(-Gh // BY)
-    BM = max(DOT_MIN, next_pow2(BY * Gw))
-    BD = max(DOT_MIN, next_pow2(head_dim))
-    fwd, bwd, seam_rows, seam_off, off = [], [], [], [], 0
-    for i, (h, w) in enumerate(grids):
-        need = _band_rows(win, i, BY)
-        rows = [re - rs for rs, re in need]
-        fwd.append(_chunk(w, rows, FWD_KEYS))
-        bwd.append(_chunk(w, rows, BWD_KEYS))
-        sr = max([max(0, need[p - 1][1] - need[p][0]) for p in range(1, n_bands)], default=0)
+    width = 4 if dtype == torch.float32 else 2
+    fwd = _pass(win, *TILES[("fwd", width)])
+    bwd = _pass(win, *TILES[("bwd", width)])
+    seam_rows, seam_off, off = [], [], 0
+    for i, (_, w) in enumerate(grids):
+        need = _band_rows(win, i, bwd.BY)
+        sr = max([max(0, need[p - 1][1] - need[p][0]) for p in range(1, bwd.n_bands)], default=0)
         seam_rows.append(sr)
         seam_off.append(off)
-        off += (n_bands - 1) * sr * w
-    warps = 8 if BM * BD >= 8192 else 4
-    return WindowPlan(BY, BM, BD, n_bands, tuple(fwd), tuple(bwd), tuple(seam_rows), tuple(seam_off), off,
-                      fwd_warps=warps, bwd_warps=warps, num_stages=2)
+        off += (bwd.n_bands - 1) * sr * w
+    return WindowPlan(max(DOT_MIN, next_pow2(head_dim)), fwd, bwd, tuple(seam_rows), tuple(seam_off), off,
+                      num_stages=2)
 
 
-def launch_grid(plan: WindowPlan, batch: int, heads: int) -> Tuple[int, int]:
-    """Programs: ``(bands, batch * heads)``."""
+def operands(dtype: torch.dtype, device) -> Tuple[object, str]:
+    """``(OPD, PREC)``: the dtype of the kernels' ``tl.dot`` operands and their precision.
+
+    fp16 / bf16 inputs multiply in their own dtype on tensor cores, with the softmax
+    probabilities and score gradients rounded to it for their products (as flash
+    attention does; fp32 accumulation throughout). fp32 inputs use IEEE fp32 products
+    (1e-5). One exception: in the Triton interpreter (CPU tensors) bf16 arithmetic is
+    wrong (products of 16 x 16 tiles come out at 1e10), so bf16 runs with fp32 operands
+    there; fp16 keeps its own (the interpreter gets those right).
+    """
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and torch.device(device).type == "cpu"):
+        return tl.float32, "ieee" if dtype == torch.float32 else "tf32"
+    return (tl.float16 if dtype == torch.float16 else tl.bfloat16), "ieee"
+
+
+def launch_grid(plan: PassPlan, batch: int, heads: int) -> Tuple[int, int]:
+    """Programs of a pass: ``(bands, batch * heads)``."""
     return plan.n_bands, batch * heads
+
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_INT_ARGS = ("w", "n", "so", "sr")
+
+
+def compile_specs(size: Tuple[int, int], grids: Tuple[Tuple[int, int], ...], heads: int, head_dim: int,
+                  dtype: torch.dtype) -> List[dict]:
+    """Every kernel variant one call of this shape launches (forward and backward, one per
+    group of ``MAX_SLOTS`` encoders), for ahead-of-time compiles: dicts with ``name``,
+    ``kernel``, ``signature`` (argument -> Triton type), ``constexprs`` (argument -> value),
+    ``num_warps``, ``num_stages``. Compile one with
+    ``triton.compile(ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v ...}), target=...)``.
+    """
+    plan = window_plan(tuple(size), tuple(grids), head_dim, dtype)
+    t = "*" + _TRITON_TYPES[dtype]
+    specs = []
+    groups = _slot_groups(len(grids))
+    for gi, g in enumerate(groups):
+        acc = t if len(groups) == 1 else "*fp32"  # several groups: fp32 partial outputs / dq
+        for name, kernel, ps in (("fwd", _window_attention_fwd_kernel, plan.fwd),
+                                 ("bwd", _window_attention_bwd_kernel, plan.bwd)):
+            opd, prec = operands(dtype, "cuda")
+            consts = dict(NE=len(g), BY=ps.BY, BM=ps.BM, BD=plan.BD,
+                          **_chunk_consts([ps.chunks[i] for i in g]), OPD=opd, PREC=prec)
+            sig = {}
+            for arg in kernel.arg_names:
+                if arg in consts:
+                    sig[arg] = "constexpr"
+                elif arg in ("lse_ptr", "runs_ptr"):
+                    sig[arg] = "*fp32" if arg == "lse_ptr" else "*i32"
+                elif arg in ("o_ptr", "dq_ptr"):
+                    sig[arg] = acc if (arg == "dq_ptr" or name == "fwd") else t
+                elif arg.endswith("_ptr"):
+                    sig[arg] = t
+                elif arg in ("qk_scale", "scale"):
+                    sig[arg] = "fp32"
+                else:
+                    sig[arg] = "i32"
+            specs.append(dict(name=f"window_attention_{name}" + (f" group {gi}" if len(groups) > 1 else ""),
+                              kernel=kernel, signature=sig, constexprs=consts, num_warps=ps.warps,
+                              num_stages=plan.num_stages))
+    return specs
+
+
+def _operand_consts(t: Tensor) -> dict:
+    opd, prec = operands(t.dtype, t.device)
+    return dict(OPD=opd, PREC=prec)
 
 
 def _slot_groups(n: int) -> List[range]:
@@ -169,10 +241,10 @@ def window_attention_forward(q: Tensor, keys: Sequence[Tensor], values: Sequence
         for i in g:
             slots += [keys[i], values[i], win.grids[i][1], win.tokens(i)]
         slots = slots + [keys[g[0]], values[g[0]], 1, 1] * (MAX_SLOTS - len(g))
-        _window_attention_fwd_kernel[launch_grid(plan, B, heads)](
+        _window_attention_fwd_kernel[launch_grid(plan.fwd, B, heads)](
             q, out, lse, runs[g[0]:], *slots, win.size[0], win.size[1], heads, d, HD, scale * 1.4426950408889634,
-            NE=len(g), BY=plan.BY, BM=plan.BM, BD=plan.BD, **_chunk_consts([plan.fwd_chunks[i] for i in g]),
-            PREC=dot_precision(q.dtype), num_warps=plan.fwd_warps, num_stages=plan.num_stages)
+            NE=len(g), BY=plan.fwd.BY, BM=plan.fwd.BM, BD=plan.BD, **_chunk_consts([plan.fwd.chunks[i] for i in g]),
+            **_operand_consts(q), num_warps=plan.fwd.warps, num_stages=plan.num_stages)
         outs.append(out)
         lses.append(lse)
     if len(groups) == 1:
@@ -205,12 +277,12 @@ def window_attention_backward(grad: Tensor, q: Tensor, keys: Sequence[Tensor], v
             slots += [keys[i], values[i], dks[i], dvs[i], win.grids[i][1], win.tokens(i), plan.seam_offsets[i],
                       plan.seam_rows[i]]
         slots = slots + [keys[g[0]], values[g[0]], dks[g[0]], dvs[g[0]], 1, 1, 0, 0] * (MAX_SLOTS - len(g))
-        _window_attention_bwd_kernel[launch_grid(plan, B, heads)](
+        _window_attention_bwd_kernel[launch_grid(plan.bwd, B, heads)](
             q, out, grad, lse, dq, runs[g[0]:], seam if seam.numel() else q, plan.seam_tokens,
             B * plan.seam_tokens * HD, *slots, win.size[0], win.size[1], heads, d, HD,
             scale * 1.4426950408889634, scale,
-            NE=len(g), BY=plan.BY, BM=plan.BM, BD=plan.BD, **_chunk_consts([plan.bwd_chunks[i] for i in g]),
-            PREC=dot_precision(q.dtype), num_warps=plan.bwd_warps, num_stages=plan.num_stages)
+            NE=len(g), BY=plan.bwd.BY, BM=plan.bwd.BM, BD=plan.BD, **_chunk_consts([plan.bwd.chunks[i] for i in g]),
+            **_operand_consts(q), num_warps=plan.bwd.warps, num_stages=plan.num_stages)
         dqs.append(dq)
     _add_seams(dks, dvs, seam, plan, win)
     dq = dqs[0] if len(dqs) == 1 else sum(dqs).to(q.dtype)
@@ -231,9 +303,9 @@ def _add_seams(dks: List[Tensor], dvs: List[Tensor], seam: Tensor, plan: WindowP
 def _seam_index(win: WindowTable, plan: WindowPlan, i: int, device: str) -> Tuple[Tensor, Tensor]:
     """Token indices ``(dst in dk_i, src in the seam buffer)`` of grid ``i``'s shared rows."""
     w = win.grids[i][1]
-    need = _band_rows(win, i, plan.BY)
+    need = _band_rows(win, i, plan.bwd.BY)
     dst, src = [], []
-    for p in range(1, plan.n_bands):
+    for p in range(1, plan.bwd.n_bands):
         rs, shared_end = need[p][0], min(need[p - 1][1], need[p][1])
         for r in range(rs, shared_end):
             for c in range(w):
