@@ -4,23 +4,28 @@ For the launches ``combine: sva`` makes at the ``vsre`` shapes (query grid 24x24
 CLIP 24, SigLIP 27, SAM 64 and DINOv2 (336 px) 24 grids, 16 heads of 64 channels, any batch:
 the batch is a grid axis, not a specialisation), every kernel variant
 (:func:`fusion.kernels.window_attention.compile_specs`) is compiled with Triton's own
-compiler and the ``ptxas`` Triton ships; the table gives registers, spills and shared
-memory against each target's limit. Exit status 1 if any variant spills or overflows.
+compiler, down to the cubin by the ``ptxas`` Triton ships with Triton's own flags; the
+table gives registers and spills from that ptxas run and shared memory against each
+target's limit. Exit status 1 if any variant spills or overflows.
 
     python benchmarks/compile_sva.py                       # vsre shapes, bf16 + fp16 + fp32
     python benchmarks/compile_sva.py --grid 27 --grids 27,27 --out results/compile_sva.md
 """
 import argparse
+import contextlib
+import io
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile real kernels
+# a fresh cache: a cached kernel skips the ptxas run whose log gives registers and spills
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="compile-sva-")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -28,31 +33,30 @@ import fusion.kernels  # noqa: E402,F401
 
 WA = sys.modules["fusion.kernels.window_attention"]
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}  # bytes per block (opt-in maximum)
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def compile_one(spec: dict, cc: int) -> dict:
-    """Compile ``spec`` for ``sm_<cc>``: registers, spill bytes, shared memory."""
+    """Compile ``spec`` for ``sm_<cc>`` and read registers and spill bytes from the log of the
+    ``ptxas`` run Triton itself makes (its own flags), shared memory from the metadata."""
     src = ASTSource(fn=spec["kernel"], signature=spec["signature"], constexprs=spec["constexprs"])
-    k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                       options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
-    ptx = k.asm["ptx"]
-    arch = ptx.split(".target")[1].split()[0].strip(",")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
+    log = io.StringIO()
+    knobs.nvidia.dump_ptxas_log = True
     try:
-        r = subprocess.run([str(PTXAS), f"-arch={arch}", "-v", f.name, "-o", os.devnull],
-                           capture_output=True, text=True, check=True)
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                               options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
     finally:
-        os.unlink(f.name)
+        knobs.nvidia.dump_ptxas_log = False
     regs = spills = None
-    for line in r.stderr.splitlines():
+    for line in log.getvalue().splitlines():
         if "Used" in line and "registers" in line:
             regs = int(line.split("Used")[1].split("registers")[0])
         if "spill stores" in line:
-            parts = line.replace(",", "").split()
-            spills = int(parts[parts.index("spill") - 2]) + int(parts[parts.index("loads") - 3])
+            words = line.replace(",", "").split()
+            spills = int(words[words.index("spill") - 2]) + int(words[words.index("loads") - 3])
+    if regs is None or spills is None:
+        raise RuntimeError(f"no ptxas statistics in the compile log of {spec['name']} for sm_{cc}:\n{log.getvalue()}")
     return dict(regs=regs, spills=spills, smem=int(k.metadata.shared))
 
 

@@ -92,8 +92,10 @@ def _fwd_encoder(q, m_i, l_i, acc, k_ptr, v_ptr, runs_ptr, w, HD, cols, dmask, G
 @triton.jit
 def _window_attention_fwd_kernel(
         q_ptr, o_ptr, lse_ptr, runs_ptr,
-        k0_ptr, v0_ptr, w0, n0, k1_ptr, v1_ptr, w1, n1, k2_ptr, v2_ptr, w2, n2, k3_ptr, v3_ptr, w3, n3,
-        Gh, Gw, heads, d, HD, qk_scale,
+        k0_ptr, v0_ptr, k1_ptr, v1_ptr, k2_ptr, v2_ptr, k3_ptr, v3_ptr, qk_scale,
+        w0: tl.constexpr, n0: tl.constexpr, w1: tl.constexpr, n1: tl.constexpr,
+        w2: tl.constexpr, n2: tl.constexpr, w3: tl.constexpr, n3: tl.constexpr,
+        Gh: tl.constexpr, Gw: tl.constexpr, heads: tl.constexpr, d: tl.constexpr, HD: tl.constexpr,
         NE: tl.constexpr, BY: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
         BR0: tl.constexpr, BC0: tl.constexpr, BR1: tl.constexpr, BC1: tl.constexpr,
         BR2: tl.constexpr, BC2: tl.constexpr, BR3: tl.constexpr, BC3: tl.constexpr, OPD: tl.constexpr,
@@ -179,12 +181,14 @@ def _bwd_encoder(q, do, lse2, delta, dq, k_ptr, v_ptr, dk_ptr, dv_ptr, sk_ptr, s
 
 @triton.jit
 def _window_attention_bwd_kernel(
-        q_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, runs_ptr, seam_ptr, seam_tokens, seam_kv,
-        k0_ptr, v0_ptr, dk0_ptr, dv0_ptr, w0, n0, so0, sr0,
-        k1_ptr, v1_ptr, dk1_ptr, dv1_ptr, w1, n1, so1, sr1,
-        k2_ptr, v2_ptr, dk2_ptr, dv2_ptr, w2, n2, so2, sr2,
-        k3_ptr, v3_ptr, dk3_ptr, dv3_ptr, w3, n3, so3, sr3,
-        Gh, Gw, heads, d, HD, qk_scale, scale,
+        q_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, runs_ptr, seam_ptr, seam_kv,
+        k0_ptr, v0_ptr, dk0_ptr, dv0_ptr, k1_ptr, v1_ptr, dk1_ptr, dv1_ptr,
+        k2_ptr, v2_ptr, dk2_ptr, dv2_ptr, k3_ptr, v3_ptr, dk3_ptr, dv3_ptr, qk_scale, scale,
+        w0: tl.constexpr, n0: tl.constexpr, so0: tl.constexpr, sr0: tl.constexpr,
+        w1: tl.constexpr, n1: tl.constexpr, so1: tl.constexpr, sr1: tl.constexpr,
+        w2: tl.constexpr, n2: tl.constexpr, so2: tl.constexpr, sr2: tl.constexpr,
+        w3: tl.constexpr, n3: tl.constexpr, so3: tl.constexpr, sr3: tl.constexpr, seam_tokens: tl.constexpr,
+        Gh: tl.constexpr, Gw: tl.constexpr, heads: tl.constexpr, d: tl.constexpr, HD: tl.constexpr,
         NE: tl.constexpr, BY: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
         BR0: tl.constexpr, BC0: tl.constexpr, BR1: tl.constexpr, BC1: tl.constexpr,
         BR2: tl.constexpr, BC2: tl.constexpr, BR3: tl.constexpr, BC3: tl.constexpr, OPD: tl.constexpr,

@@ -50,7 +50,7 @@ MAX_HEAD_DIM = 256  # a [query tile, 256] fp32 accumulator is already past the r
 # whole operand rows per thread, hence the smaller key chunks; the backward holds q, dO,
 # dq and p, ds, dk, dv per chunk, hence the smaller query tile.
 TILES = {("fwd", 2): (128, 32, 8), ("fwd", 4): (64, 16, 8),
-         ("bwd", 2): (64, 16, 8), ("bwd", 4): (64, 16, 8)}
+         ("bwd", 2): (64, 32, 8), ("bwd", 4): (64, 16, 8)}
 
 
 # --------------------------------------------------------------------------------------
@@ -159,7 +159,6 @@ def launch_grid(plan: PassPlan, batch: int, heads: int) -> Tuple[int, int]:
 
 
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_INT_ARGS = ("w", "n", "so", "sr")
 
 
 def compile_specs(size: Tuple[int, int], grids: Tuple[Tuple[int, int], ...], heads: int, head_dim: int,
@@ -171,6 +170,7 @@ def compile_specs(size: Tuple[int, int], grids: Tuple[Tuple[int, int], ...], hea
     ``triton.compile(ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v ...}), target=...)``.
     """
     plan = window_plan(tuple(size), tuple(grids), head_dim, dtype)
+    win = area_windows(grids, size)
     t = "*" + _TRITON_TYPES[dtype]
     specs = []
     groups = _slot_groups(len(grids))
@@ -179,8 +179,7 @@ def compile_specs(size: Tuple[int, int], grids: Tuple[Tuple[int, int], ...], hea
         for name, kernel, ps in (("fwd", _window_attention_fwd_kernel, plan.fwd),
                                  ("bwd", _window_attention_bwd_kernel, plan.bwd)):
             opd, prec = operands(dtype, "cuda")
-            consts = dict(NE=len(g), BY=ps.BY, BM=ps.BM, BD=plan.BD,
-                          **_chunk_consts([ps.chunks[i] for i in g]), OPD=opd, PREC=prec)
+            consts = dict(**_shape_consts(win, g, plan, head_dim, heads, name), OPD=opd, PREC=prec)
             sig = {}
             for arg in kernel.arg_names:
                 if arg in consts:
@@ -210,13 +209,23 @@ def _slot_groups(n: int) -> List[range]:
     return [range(s, min(n, s + MAX_SLOTS)) for s in range(0, n, MAX_SLOTS)]
 
 
-def _pad_slots(items: list, filler) -> list:
-    return items + [filler] * (MAX_SLOTS - len(items))
-
-
-def _chunk_consts(chunks: Sequence[Tuple[int, int]]) -> dict:
-    chunks = _pad_slots(list(chunks), (1, DOT_MIN))
-    return {f"{n}{k}": v for k, (br, bc) in enumerate(chunks) for n, v in (("BR", br), ("BC", bc))}
+def _shape_consts(win: WindowTable, g: Sequence[int], plan: WindowPlan, d: int, heads: int, which: str) -> dict:
+    """The constexpr arguments of one launch: shapes (the kernels specialise on them, so index
+    math folds to constants), blocks, and per slot its grid width, tokens, chunk and seams."""
+    ps = plan.fwd if which == "fwd" else plan.bwd
+    out = dict(Gh=win.size[0], Gw=win.size[1], heads=heads, d=d, HD=heads * d, NE=len(g), BY=ps.BY, BM=ps.BM,
+               BD=plan.BD)
+    for k in range(MAX_SLOTS):
+        i = g[k] if k < len(g) else None  # unused slots: placeholders the kernel never reads
+        br, bc = ps.chunks[i] if i is not None else (1, DOT_MIN)
+        out.update({f"w{k}": win.grids[i][1] if i is not None else 1, f"n{k}": win.tokens(i) if i is not None else 1,
+                    f"BR{k}": br, f"BC{k}": bc})
+        if which == "bwd":
+            out.update({f"so{k}": plan.seam_offsets[i] if i is not None else 0,
+                        f"sr{k}": plan.seam_rows[i] if i is not None else 0})
+    if which == "bwd":
+        out["seam_tokens"] = plan.seam_tokens
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -237,14 +246,12 @@ def window_attention_forward(q: Tensor, keys: Sequence[Tensor], values: Sequence
     for g in groups:
         out = torch.empty(B, M, HD, device=q.device, dtype=q.dtype if len(groups) == 1 else torch.float32)
         lse = torch.empty(B, heads, M, device=q.device, dtype=torch.float32)
-        slots = []
-        for i in g:
-            slots += [keys[i], values[i], win.grids[i][1], win.tokens(i)]
-        slots = slots + [keys[g[0]], values[g[0]], 1, 1] * (MAX_SLOTS - len(g))
+        ptrs = [t for i in g for t in (keys[i], values[i])]
+        ptrs += ptrs[:2] * (MAX_SLOTS - len(g))  # unused slots: never read
         _window_attention_fwd_kernel[launch_grid(plan.fwd, B, heads)](
-            q, out, lse, runs[g[0]:], *slots, win.size[0], win.size[1], heads, d, HD, scale * 1.4426950408889634,
-            NE=len(g), BY=plan.fwd.BY, BM=plan.fwd.BM, BD=plan.BD, **_chunk_consts([plan.fwd.chunks[i] for i in g]),
-            **_operand_consts(q), num_warps=plan.fwd.warps, num_stages=plan.num_stages)
+            q, out, lse, runs[g[0]:], *ptrs, scale * 1.4426950408889634,
+            **_shape_consts(win, g, plan, d, heads, "fwd"), **_operand_consts(q),
+            num_warps=plan.fwd.warps, num_stages=plan.num_stages)
         outs.append(out)
         lses.append(lse)
     if len(groups) == 1:
@@ -272,16 +279,11 @@ def window_attention_backward(grad: Tensor, q: Tensor, keys: Sequence[Tensor], v
     dqs = []
     for g in groups:
         dq = torch.empty(B, M, HD, device=q.device, dtype=q.dtype if len(groups) == 1 else torch.float32)
-        slots = []
-        for i in g:
-            slots += [keys[i], values[i], dks[i], dvs[i], win.grids[i][1], win.tokens(i), plan.seam_offsets[i],
-                      plan.seam_rows[i]]
-        slots = slots + [keys[g[0]], values[g[0]], dks[g[0]], dvs[g[0]], 1, 1, 0, 0] * (MAX_SLOTS - len(g))
+        ptrs = [t for i in g for t in (keys[i], values[i], dks[i], dvs[i])]
+        ptrs += ptrs[:4] * (MAX_SLOTS - len(g))
         _window_attention_bwd_kernel[launch_grid(plan.bwd, B, heads)](
-            q, out, grad, lse, dq, runs[g[0]:], seam if seam.numel() else q, plan.seam_tokens,
-            B * plan.seam_tokens * HD, *slots, win.size[0], win.size[1], heads, d, HD,
-            scale * 1.4426950408889634, scale,
-            NE=len(g), BY=plan.bwd.BY, BM=plan.bwd.BM, BD=plan.BD, **_chunk_consts([plan.bwd.chunks[i] for i in g]),
+            q, out, grad, lse, dq, runs[g[0]:], seam if seam.numel() else q, B * plan.seam_tokens * HD,
+            *ptrs, scale * 1.4426950408889634, scale, **_shape_consts(win, g, plan, d, heads, "bwd"),
             **_operand_consts(q), num_warps=plan.bwd.warps, num_stages=plan.num_stages)
         dqs.append(dq)
     _add_seams(dks, dvs, seam, plan, win)
@@ -399,6 +401,18 @@ def _check_inputs(q, keys, values, win: WindowTable, heads) -> None:
                                  f"pass every tensor in one dtype on one device")
 
 
+def _beyond_kernel_limits(win: WindowTable, channels: int) -> str:
+    """Why the kernels cannot take this shape ('' when they can): they index tokens of one
+    batch item with int32 and pack window starts and sizes into 16 bits each."""
+    sides = [s for g in win.grids for s in g] + list(win.size)
+    if max(sides) >= 1 << 15:
+        return f"grid sides up to {max(sides)}, but the kernels take sides below {1 << 15}"
+    biggest = max([win.num_queries] + [win.tokens(i) for i in range(len(win.grids))]) * channels
+    if biggest >= 1 << 31:
+        return f"{biggest} elements in one batch item of one tensor, but the kernels index below 2**31"
+    return ""
+
+
 def window_attention(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor], windows: WindowTable,
                      heads: int, scale: Optional[float] = None, backend: str = "auto") -> Tensor:
     """Windowed cross-attention of a query grid over several encoder grids, one joint softmax.
@@ -427,6 +441,10 @@ def window_attention(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor]
     be = V.resolve_backend(backend, dev, HAVE_TRITON)
     if be == "triton" and not ok and backend == "triton":
         raise ValueError(V.triton_unavailable(dev, dtype))
+    too_big = _beyond_kernel_limits(win, q.shape[-1])
+    if be == "triton" and too_big and backend == "triton":
+        raise ValueError(f"backend='triton': {too_big}; use backend='torch' or 'auto'")
+    ok = ok and not too_big
     grids = [v for g in win.grids for v in g]
     out, _ = _window_attention_op(q, list(keys), list(values), grids, win.size[0], win.size[1], heads,
                                   float(scale), be == "triton" and ok)

@@ -1,0 +1,269 @@
+"""``fusion.combine: sva``: parity with Cambrian's layer structure, config, and the tower around it.
+
+The oracle is :class:`fusion.sva_reference.CambrianSVA`, written the way Cambrian's
+``vision_sampler.py`` computes (windows copied into ``[B*G*G, window, dim]`` rows, position
+embedding on the copies, LayerNorm + projections per copy, SDPA with a mask); it shares no
+code with fusion.sva or the kernels. Weights are copied across by name.
+"""
+import copy
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+from fusion import build_tower, list_presets, load_config
+from fusion.boxes import grid_boxes
+from fusion.cli import main as cli
+from fusion.config import SVAConfig
+from fusion.sva import SpatialVisionAggregator
+from fusion.sva_reference import CambrianSVA, load_from_sva
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "images"
+SMALL = ["fusion.combine=sva", "fusion.sva.dim=32", "fusion.sva.heads=4", "fusion.sva.layers=2"]
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-12)).item()
+
+
+def _pair(grids, chans, G, dim=16, heads=2, layers=2, context="first", norm=True, backend="torch", queries=None):
+    torch.manual_seed(0)
+    specs = [(f"e{i}", g, c) for i, (g, c) in enumerate(zip(grids, chans))]
+    sva = SpatialVisionAggregator(specs, G, SVAConfig(dim, heads, layers, context), norm=norm, backend=backend)
+    if queries == 1:  # Cambrian's single query vector in every cell
+        with torch.no_grad():
+            sva.query[:] = sva.query[0]
+    ref = CambrianSVA(grids, chans, G, dim, heads, layers, context == "first", norm, queries=queries or G * G)
+    load_from_sva(ref, sva)
+    return sva, ref
+
+
+def _ref_name(sva, name):
+    """Our parameter name -> the reference's (the same mapping load_from_sva applies)."""
+    index = {n: i for i, n in enumerate(sva.names)}
+    p = name.split(".")
+    if p[0] == "inputs":
+        return ".".join([f"mm_projector_aux_{index[p[1]]}"] + p[2:])
+    if p[0] == "query":
+        return "vision_query"
+    if p[2] == "pos_embed":
+        return ".".join(p[:2] + [f"pos_embed_{index[p[3]]}"])
+    if p[3] in ("k_proj", "v_proj"):
+        return ".".join(p[:3] + [f"{p[3]}_{index[p[4]]}"] + p[5:])
+    return name
+
+
+def check_parity(sva, ref, grids, chans, B=2, tol=1e-5):
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(B, *g, c, generator=gen, requires_grad=True) for g, c in zip(grids, chans)]
+    xr = [x.detach().clone().requires_grad_() for x in xs]
+    ours, want = sva(xs), ref(xr)
+    assert ours.shape == want.shape == (B, sva.grid ** 2, sva.dim)
+    assert rel_err(ours, want) <= tol, rel_err(ours, want)
+    go = torch.randn(ours.shape, generator=gen)
+    (ours * go).sum().backward()
+    (want * go).sum().backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in sva.named_parameters():
+        g_ref = ref_params[_ref_name(sva, name)].grad
+        g = p.grad if p.grad.shape == g_ref.shape else p.grad.sum(0, keepdim=True)  # single query: summed
+        assert rel_err(g, g_ref) <= tol, (name, rel_err(g, g_ref))
+    for a, b in zip(xs, xr):
+        assert rel_err(a.grad, b.grad) <= tol
+    return ours
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_parity_with_cambrian_on_multiple_grids(backend):
+    """Grids that are multiples of G: Cambrian's own rearrangement and arithmetic, forward and
+    every gradient (parameters and inputs) within 1e-5 relative in fp32."""
+    grids, chans = [(4, 4), (8, 8), (12, 12)], [5, 7, 3]
+    sva, ref = _pair(grids, chans, 4, backend=backend)
+    assert [getattr(ref.layers[0], f"pos_embed_{i}").shape[0] for i in (1, 2)] == [4, 9]  # k*k slots
+    assert not hasattr(ref.layers[0], "pos_embed_0")  # 1x1 windows: none (as Cambrian)
+    check_parity(sva, ref, grids, chans)
+
+
+def test_parity_single_cambrian_query():
+    grids, chans = [(4, 4), (8, 8)], [5, 7]
+    sva, ref = _pair(grids, chans, 4, queries=1)
+    assert ref.vision_query.shape == (1, 16)
+    check_parity(sva, ref, grids, chans)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unequal_grids_match_the_gathered_reference(backend):
+    """The tiny preset's grids 4/5/6/7 onto 4 (overlapping windows, primary-window positions)."""
+    grids, chans = [(4, 4), (5, 5), (6, 6), (7, 7)], [6, 5, 3, 4]
+    sva, ref = _pair(grids, chans, 4, backend=backend)
+    check_parity(sva, ref, grids, chans)
+
+
+def test_no_context_no_norm_and_27_onto_24():
+    grids, chans = [(27, 27), (9, 9)], [4, 3]
+    sva, ref = _pair(grids, chans, 24, context="none", norm=False, layers=1)
+    assert sva.layers[0].proj_context is None and sva.layers[0].proj_in.in_features == 16
+    check_parity(sva, ref, grids, chans, B=1)
+
+
+def test_windows_matter():
+    """A change to one token moves exactly the cells whose window holds it, in the first layer
+    (a check that does not rest on the reference's window code)."""
+    grids, chans = [(5, 5), (9, 9)], [3, 3]
+    sva, _ = _pair(grids, chans, 4, layers=1, context="none")
+    xs = [torch.randn(1, *g, c) for g, c in zip(grids, chans)]
+    base = sva(xs)
+    moved = [x.clone() for x in xs]
+    moved[1][0, 4, 4] += 10.0  # SAM-like grid token (4, 4): 9 -> 4 windows [2, 5) and [4, 7) hold row 4
+    diff = (sva(moved) - base).abs().amax(-1).view(4, 4) > 1e-6
+    pooled = F.adaptive_avg_pool2d(torch.eye(81).view(81, 1, 9, 9), 4).view(81, 4, 4)[4 * 9 + 4] > 0
+    assert torch.equal(diff, pooled)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_defaults_round_trip_and_every_preset(tmp_path):
+    for preset in list_presets():
+        cfg = load_config(preset, ["fusion.combine=sva"])
+        assert cfg.fusion.sva == SVAConfig(dim=1024, heads=16, layers=3, context="first")  # Cambrian-1's
+        assert load_config(cfg.to_dict()) == cfg
+    cfg = load_config("vsre", ["fusion.combine=sva", "fusion.sva={dim: 256, heads: 8}", "fusion.sva.context=none"])
+    assert (cfg.fusion.sva.dim, cfg.fusion.sva.heads, cfg.fusion.sva.layers, cfg.fusion.sva.context) == (256, 8, 3,
+                                                                                                         "none")
+    (tmp_path / "c.yaml").write_text(cfg.to_yaml())
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert load_config(cfg, ["fusion.combine=channel_concat", "fusion.sva=null"]).fusion.sva is None
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["fusion.sva.heads=5"], ["fusion.sva.heads", "5", "fusion.sva.dim=1024", "multiple of heads"]),
+    (["fusion.combine=channel_concat", "fusion.sva.dim=64"], ["fusion.sva", "'channel_concat'", "combine 'sva'"]),
+    (["fusion.resample=bilinear"], ["fusion.resample", "'bilinear'", "must be 'area'"]),
+    (["fusion.width=64"], ["fusion.width", "64", "fusion.sva.dim"]),
+    (["fusion.sva.dims=64"], ["fusion.sva.dims", "did you mean 'dim'"]),
+    (["fusion.sva.context=last"], ["fusion.sva.context", "'last'", "['first', 'none']"]),
+    (["fusion.sva.layers=0"], ["fusion.sva.layers", "got 0", ">= 1"]),
+    (["fusion.combine=sva2"], ["fusion.combine", "'sva2'", "'sva'"]),
+])
+def test_config_errors_name_the_key(overrides, words):
+    base = [] if "fusion.combine=" in " ".join(overrides) else ["fusion.combine=sva"]
+    with pytest.raises(ValueError) as info:
+        load_config("vsre", base + overrides)
+    missing = [w for w in words if w not in str(info.value)]
+    assert not missing, f"message lacks {missing}: {info.value}"
+
+
+# ----------------------------------------------------------------------------- tower
+
+
+@pytest.fixture(scope="module")
+def tower():
+    return build_tower("tiny", SMALL, weights="random", seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return torch.rand(2, 3, 98, 98, generator=torch.Generator().manual_seed(0))
+
+
+def test_tower_is_encoders_then_cambrian_sva_then_projector(tower, pixels):
+    merge = tower.merge
+    assert merge.out_dim == 32 and tower.hidden_size == 64 and tower.num_patches == 16
+    specs = merge.specs
+    ref = CambrianSVA([s.grid for s in specs], [s.dim for s in specs], 4, 32, 4, 2, queries=16)
+    load_from_sva(ref, merge.sva)
+    with torch.no_grad():
+        out = tower(pixels, return_dict=True)
+        want = tower.projector(ref([out.encoder_grids[s.name] for s in specs]))
+    assert rel_err(out.tokens, want) <= 1e-5
+    assert out.segments == [("fused", 0, 16)]
+    torch.testing.assert_close(out.token_boxes, grid_boxes(4, 4))  # the query cells
+    assert out.hidden_states[-2].shape == (2, 16, 32)
+
+
+def test_training_reaches_the_sva_not_the_frozen_encoders(tower, pixels):
+    tower.train()
+    tower.zero_grad(set_to_none=True)
+    try:
+        tower(pixels).square().mean().backward()
+        assert all(p.grad is None for p in tower.encoders.parameters())
+        missing = [n for n, p in tower.merge.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not missing, missing
+        assert {n.split(".")[0] for n, _ in tower.merge.named_parameters()} == {"sva"}
+    finally:
+        tower.zero_grad(set_to_none=True)
+        tower.eval()
+
+
+def test_levels_reduce_and_rois_on_the_sva_grid(pixels):
+    t = build_tower("tiny", SMALL + ["fusion.levels=[2, 1]"], weights="random", seed=0).eval()
+    with torch.no_grad():
+        out = t(pixels, return_dict=True)
+        grid = t.merge(out.encoder_grids)  # [B, 16, 32]
+        nchw = grid.transpose(1, 2).reshape(2, 32, 4, 4)
+        pooled = torch.cat([F.adaptive_avg_pool2d(nchw, s).flatten(2).transpose(1, 2) for s in (2, 1)], 1)
+        torch.testing.assert_close(out.hidden_states[-2], torch.cat([grid, pooled], 1), rtol=1e-5, atol=1e-6)
+    assert t.num_patches == 21 and out.tokens.shape == (2, 21, 64)
+    t = build_tower("tiny", SMALL + ["fusion.reduce={keep: 6, metric: sam}"], weights="random", seed=0).eval()
+    with torch.no_grad():
+        out = t(pixels, return_dict=True)
+    assert out.tokens.shape == (2, 6, 64) and out.token_boxes.shape == (2, 6, 4) and out.token_sizes.sum() == 32
+    t = build_tower("tiny", SMALL, weights="random", seed=0).eval()
+    with Image.open(EXAMPLES / "grid.png") as im, torch.no_grad():  # a whole-image ROI: the global tokens again
+        out = t(**t.image_processor(im.convert("RGB"), rois="[0, 0, 1, 1]"), return_dict=True)
+    assert out.segments == [("fused", 0, 16), ("roi0", 16, 32)]
+    torch.testing.assert_close(out.tokens[:, 16:], out.tokens[:, :16], rtol=1e-4, atol=1e-5)
+
+
+def test_cache_save_load_and_fsdp_units(tower, pixels, tmp_path):
+    with torch.no_grad():
+        grids = tower.encode(pixels)
+        ref = tower(pixels)
+        torch.testing.assert_close(tower.merge_and_project(grids), ref, rtol=0, atol=0)
+    tower.save_pretrained(tmp_path / "saved")
+    again = type(tower).from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(pixels), ref, rtol=0, atol=0)
+    units = tower.fsdp_units()
+    layers = list(tower.merge.sva.layers)
+    assert units[-3:] == layers + [tower.projector]
+
+
+def test_cli_extract_with_sva(tower, tmp_path):
+    out = tmp_path / "feats"
+    code = cli(["extract", "tiny", *SMALL, "--weights", "random", "--images", str(EXAMPLES / "house.jpg"),
+                "--out", str(out), "--no-progress"])
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokens"] == [16, 64]
+    feats = load_file(str(out / next(iter(manifest["shards"]))))
+    with Image.open(EXAMPLES / "house.jpg") as im, torch.no_grad():
+        want = tower(tower.image_processor(im.convert("RGB"))["pixel_values"])[0]
+    torch.testing.assert_close(feats["house.jpg"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_llava_and_hf_drop_ins(tower, pixels):
+    from fusion.llava import build_vision_tower
+
+    spec = "tiny " + " ".join(SMALL)
+    lt = build_vision_tower(SimpleNamespace(mm_vision_tower=spec, mm_vision_select_layer=-1), weights="random")
+    assert lt.hidden_size == 32 and lt.num_patches == 16  # LLaVA's mm_projector takes the SVA width
+    transformers = pytest.importorskip("transformers")
+    import fusion.hf as fhf
+
+    config = transformers.AutoConfig.for_model("fusion_vision", tower="tiny", overrides=SMALL, weights="random",
+                                                seed=0)
+    model = transformers.AutoModel.from_config(config).eval()
+    assert config.hidden_size == 32 and config.num_patches == 16
+    no_proj = build_tower("tiny", SMALL + ["projector.type=none", "projector.out_dim=null"], weights="random",
+                          seed=0).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels).last_hidden_state, no_proj(pixels), rtol=0, atol=0)
+    assert isinstance(model, fhf.FusionVisionModel)
