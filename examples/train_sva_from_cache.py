@@ -1,11 +1,11 @@
 """Train the SVA connector (``fusion.combine: sva``) from an encoder cache, against the fixed merge.
 
-    python examples/train_sva_from_cache.py                 # tiny preset, random weights, 48 images
+    python examples/train_sva_from_cache.py                 # tiny preset, random weights, 160 images
     python examples/train_sva_from_cache.py --steps 600 --cache feats/ --source my.yaml
 
-Without ``--cache`` it draws 48 images from ``examples/images`` (random crops, flips and
+Without ``--cache`` it draws 160 images from ``examples/images`` (random crops, flips and
 quarter turns), runs ``fusion-tower extract SOURCE --weights random --cache-encoders`` on
-them into a temporary folder, and holds out the last 8 for evaluation.
+them into a temporary folder, and holds out the last 16 for evaluation.
 
 The target is one the fixed merge cannot express: in every cell of the fused grid,
 attention pooling of the finest encoder's tokens inside the cell's area window, weighted
@@ -44,7 +44,7 @@ IMAGES = Path(__file__).with_name("images")
 SVA = ["fusion.combine=sva", "fusion.sva.dim=32", "fusion.sva.heads=4", "fusion.sva.layers=2"]
 
 
-def make_images(out: Path, n: int = 48, seed: int = 0) -> Path:
+def make_images(out: Path, n: int = 160, seed: int = 0) -> Path:
     """``n`` images drawn from ``examples/images``: random crops (40-100% of the side), flips, quarter turns."""
     rng = random.Random(seed)
     sources = []
@@ -155,7 +155,7 @@ def train(forward: Callable, params: List[torch.Tensor], module: nn.Module, cach
 
 
 def run(cache_dir: Path, source: str = "tiny", steps: int = 400, batch_size: int = 8, lr: float = 3e-3,
-        seed: int = 0, held_out: int = 8, log: Optional[Callable] = print) -> Dict[str, dict]:
+        seed: int = 0, held_out: int = 16, log: Optional[Callable] = print) -> Dict[str, dict]:
     cache = FeatureCache(cache_dir)
     names = cache.names
     train_names, test_names = names[:-held_out], names[-held_out:]
@@ -178,7 +178,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", help="a folder from `fusion-tower extract ... --cache-encoders` (default: make one)")
     ap.add_argument("--source", default="tiny", help="the tower config the cache was made with")
-    ap.add_argument("--images", type=int, default=48, help="images to draw when making a cache")
+    ap.add_argument("--images", type=int, default=160, help="images to draw when making a cache")
+    ap.add_argument("--held-out", type=int, default=16, help="images kept out of training, for evaluation")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -191,7 +192,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         else:
             images = make_images(Path(tmp) / "images", args.images, args.seed)
             cache_dir = make_cache(Path(tmp) / "cache", args.source, images)
-        res = run(cache_dir, args.source, args.steps, args.batch_size, args.lr, args.seed)
+        res = run(cache_dir, args.source, args.steps, args.batch_size, args.lr, args.seed, args.held_out)
     print(f"\n{'connector':<8} {'params':>8} {'train (last 50)':>16} {'held-out':>9}")
     for label, r in res.items():
         print(f"{label:<8} {r['params']:>8} {sum(r['train'][-50:]) / 50:>16.4f} {r['held_out'][-1]:>9.4f}")

@@ -1,13 +1,14 @@
 """PyTorch paths of :func:`fusion.kernels.window_attention`: the CPU path and the naive oracle.
 
 - :func:`window_attention_reference` / :func:`window_attention_reference_backward`: what
-  runs on the CPU (and for ``backend="torch"``). Query cells are taken in steps of about
-  ``STEP_BYTES``: each step gathers its cells' window tokens from every encoder's keys /
-  values (``[B, cells, L, heads, d]``, ``L`` = the summed largest window sizes, padding
-  masked), takes the softmax over all of them, and writes its output cells. The
-  backward recomputes the probabilities from the saved log-sum-exp and scatters the
-  key / value gradients back with ``index_add_``. Memory stays at one step's gather,
-  whatever the batch; computes in fp32 (fp64 for fp64 inputs).
+  runs on the CPU (and for ``backend="torch"``). Tensors are laid out per head once
+  (``[B, heads, N, d]``); query cells are taken in steps of about ``STEP_BYTES``: each
+  step gathers its cells' window tokens from each encoder's keys / values
+  (``[B, heads, cells, L_i, d]``, ``L_i`` = the largest window, padding masked), takes
+  one softmax over all encoders' windows, and writes its output cells. The backward
+  recomputes the probabilities from the saved log-sum-exp and scatters the key / value
+  gradients back with ``index_add_``. Memory stays at a step's gather whatever the
+  batch; computes in fp32 (fp64 for fp64 inputs).
 - :func:`naive_window_attention`: the test oracle, sharing no code with the rest: the
   window mask of every query cell over all tokens, derived from ATen's own
   ``F.adaptive_avg_pool2d`` (an input token is in a cell's window when pooling gives it
@@ -35,25 +36,37 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _steps(win: WindowTable, batch: int, width: int) -> List[Tuple[int, int]]:
-    """Query cell ranges ``[m0, m1)`` whose gathered windows fit ``STEP_BYTES``."""
-    L = sum(a * b for a, b in (win.max_window(i) for i in range(len(win.grids))))
+    """Query cell ranges ``[m0, m1)`` whose gathered windows (one encoder's keys) fit ``STEP_BYTES``."""
+    L = max(a * b for a, b in (win.max_window(i) for i in range(len(win.grids))))
     cells = max(1, STEP_BYTES // max(1, batch * L * width * 4))
     M = win.num_queries
     return [(m0, min(M, m0 + cells)) for m0 in range(0, M, cells)]
 
 
-def _gather(ts: Sequence[torch.Tensor], win: WindowTable, m0: int, m1: int, heads: int, dtype: torch.dtype):
-    """Window tokens of cells ``[m0, m1)``: ``[B, cells, L, heads, d]`` (encoders concatenated)
-    and the ``[cells, L]`` validity mask."""
-    parts, masks = [], []
-    for i, t in enumerate(ts):
-        idx, valid = win.gather_index(i, t.device)
-        idx, valid = idx[m0:m1], valid[m0:m1]
-        B = t.shape[0]
-        g = t.index_select(1, idx.reshape(-1)).to(dtype)  # [B, cells * L_i, HD]
-        parts.append(g.view(B, m1 - m0, idx.shape[1], heads, -1))
-        masks.append(valid)
-    return torch.cat(parts, 2), torch.cat(masks, 1)
+def _heads(t: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, N, heads*d]`` -> ``[B, heads, N, d]`` contiguous in ``dtype`` (one copy per call, so
+    that every step's gathers and products run on plain strides)."""
+    B, N, HD = t.shape
+    return t.to(dtype).view(B, N, heads, HD // heads).transpose(1, 2).contiguous()
+
+
+def _gather(th: torch.Tensor, win: WindowTable, i: int, m0: int, m1: int) -> torch.Tensor:
+    """Window tokens of cells ``[m0, m1)`` in grid ``i``: ``[B, heads, cells, L_i, d]``."""
+    idx = win.gather_index(i, th.device)[0][m0:m1]
+    B, H, _, d = th.shape
+    return th.index_select(2, idx.reshape(-1)).view(B, H, m1 - m0, idx.shape[1], d)
+
+
+def _probs(qb, kgs, win: WindowTable, m0: int, m1: int, scale: float, lse=None):
+    """Softmax over every encoder's window: per-encoder ``p_i [B, H, cells, L_i]`` and the
+    log-sum-exp ``[B, H, cells]`` (recomputed from ``lse`` when given)."""
+    s = torch.cat([(qb @ kg.transpose(-1, -2)).squeeze(-2) for kg in kgs], -1) * scale  # [B, H, c, L]
+    valid = torch.cat([win.gather_index(i, qb.device)[1][m0:m1] for i in range(len(kgs))], -1)
+    s.masked_fill_(~valid, float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None])
+    return p.split([kg.shape[3] for kg in kgs], -1), lse
 
 
 def window_attention_reference(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
@@ -61,21 +74,19 @@ def window_attention_reference(q: torch.Tensor, keys: Sequence[torch.Tensor], va
     """``(out [B, M, HD] in q's dtype, lse [B, heads, M] fp32 / fp64)``; no autograd graph."""
     B, M, HD = q.shape
     cdt = _compute_dtype(q.dtype)
-    out = torch.empty(B, M, HD, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, heads, M, dtype=cdt, device=q.device)
     with torch.no_grad():
+        qh = _heads(q, heads, cdt)
+        kh = [_heads(k, heads, cdt) for k in keys]
+        vh = [_heads(v, heads, cdt) for v in values]
+        out = torch.empty_like(qh)                      # [B, H, M, d]
+        lse = torch.empty(B, heads, M, dtype=cdt, device=q.device)
         for m0, m1 in _steps(win, B, HD):
-            qb = q[:, m0:m1].to(cdt).view(B, m1 - m0, heads, 1, -1)       # [B, c, H, 1, d]
-            kg, valid = _gather(keys, win, m0, m1, heads, cdt)             # [B, c, L, H, d]
-            s = torch.matmul(qb, kg.permute(0, 1, 3, 4, 2)).squeeze(3) * scale  # [B, c, H, L]
-            s.masked_fill_(~valid[None, :, None, :], float("-inf"))
-            lse_b = torch.logsumexp(s, -1)                                 # [B, c, H]
-            p = torch.exp(s - lse_b[..., None])
-            vg, _ = _gather(values, win, m0, m1, heads, cdt)
-            o = torch.matmul(p.unsqueeze(3), vg.transpose(2, 3)).squeeze(3)  # [B, c, H, d]
-            out[:, m0:m1] = o.reshape(B, m1 - m0, HD).to(q.dtype)
-            lse[:, :, m0:m1] = lse_b.transpose(1, 2)
-    return out, lse
+            qb = qh[:, :, m0:m1, None, :]               # [B, H, c, 1, d]
+            ps, lse[:, :, m0:m1] = _probs(qb, [_gather(k, win, i, m0, m1) for i, k in enumerate(kh)], win, m0,
+                                          m1, scale)
+            out[:, :, m0:m1] = sum((p.unsqueeze(-2) @ _gather(v, win, i, m0, m1)).squeeze(-2)
+                                   for i, (p, v) in enumerate(zip(ps, vh)))
+    return out.transpose(1, 2).reshape(B, M, HD).to(q.dtype), lse
 
 
 def window_attention_reference_backward(grad: torch.Tensor, q: torch.Tensor, keys: Sequence[torch.Tensor],
@@ -84,35 +95,33 @@ def window_attention_reference_backward(grad: torch.Tensor, q: torch.Tensor, key
     """``[dq] + [dk_i...] + [dv_i...]``, each in its input's dtype."""
     B, M, HD = q.shape
     cdt = _compute_dtype(q.dtype)
-    dq = torch.empty(B, M, HD, dtype=q.dtype, device=q.device)
-    dks = [torch.zeros(k.shape, dtype=cdt, device=k.device) for k in keys]
-    dvs = [torch.zeros(v.shape, dtype=cdt, device=v.device) for v in values]
-    sizes = [win.gather_index(i, q.device)[0].shape[1] for i in range(len(keys))]
     with torch.no_grad():
+        qh, gh, oh = (_heads(t, heads, cdt) for t in (q, grad, out))
+        kh = [_heads(k, heads, cdt) for k in keys]
+        vh = [_heads(v, heads, cdt) for v in values]
+        dq = torch.empty_like(qh)
+        dkh = [torch.zeros_like(k) for k in kh]
+        dvh = [torch.zeros_like(v) for v in vh]
+        delta = (gh * oh).sum(-1)                       # [B, H, M]
         for m0, m1 in _steps(win, B, HD):
-            c = m1 - m0
-            qb = q[:, m0:m1].to(cdt).view(B, c, heads, 1, -1)
-            gb = grad[:, m0:m1].to(cdt).view(B, c, heads, 1, -1)
-            ob = out[:, m0:m1].to(cdt).view(B, c, heads, -1)
-            kg, valid = _gather(keys, win, m0, m1, heads, cdt)
-            vg, _ = _gather(values, win, m0, m1, heads, cdt)
-            kt, vt = kg.permute(0, 1, 3, 2, 4), vg.permute(0, 1, 3, 2, 4)   # [B, c, H, L, d]
-            s = torch.matmul(qb, kt.transpose(-1, -2)).squeeze(3) * scale    # [B, c, H, L]
-            p = torch.exp(s - lse[:, :, m0:m1].transpose(1, 2)[..., None])
-            p.masked_fill_(~valid[None, :, None, :], 0.0)
-            dp = torch.matmul(gb, vt.transpose(-1, -2)).squeeze(3)
-            delta = (gb.squeeze(3) * ob).sum(-1, keepdim=True)               # [B, c, H, 1]
-            ds = p * (dp - delta)
-            dq[:, m0:m1] = (torch.matmul(ds.unsqueeze(3), kt).squeeze(3) * scale).reshape(B, c, HD).to(q.dtype)
-            dkg = (ds.unsqueeze(-1) * qb * scale).transpose(2, 3)            # [B, c, L, H, d]
-            dvg = (p.unsqueeze(-1) * gb).transpose(2, 3)
-            off = 0
-            for i, L in enumerate(sizes):  # padded slots carry zeros: p and ds are 0 there
+            qb, gb = qh[:, :, m0:m1, None, :], gh[:, :, m0:m1, None, :]   # [B, H, c, 1, d]
+            kgs = [_gather(k, win, i, m0, m1) for i, k in enumerate(kh)]
+            ps, _ = _probs(qb, kgs, win, m0, m1, scale, lse[:, :, m0:m1].to(cdt))
+            dqb = 0
+            for i, (p, kg) in enumerate(zip(ps, kgs)):  # padded slots carry p = 0, so zero gradients
+                vg = _gather(vh[i], win, i, m0, m1)
+                ds = p * ((gb @ vg.transpose(-1, -2)).squeeze(-2) - delta[:, :, m0:m1, None])  # [B, H, c, L_i]
+                dqb = dqb + (ds.unsqueeze(-2) @ kg).squeeze(-2)
                 idx = win.gather_index(i, q.device)[0][m0:m1].reshape(-1)
-                dks[i].index_add_(1, idx, dkg[:, :, off:off + L].reshape(B, c * L, HD))
-                dvs[i].index_add_(1, idx, dvg[:, :, off:off + L].reshape(B, c * L, HD))
-                off += L
-    return ([dq] + [g.to(k.dtype) for g, k in zip(dks, keys)] + [g.to(v.dtype) for g, v in zip(dvs, values)])
+                c, L = p.shape[2], p.shape[3]
+                dkh[i].index_add_(2, idx, (ds.unsqueeze(-1) * qb).view(B, heads, c * L, -1), alpha=scale)
+                dvh[i].index_add_(2, idx, (p.unsqueeze(-1) * gb).view(B, heads, c * L, -1))
+            dq[:, :, m0:m1] = dqb * scale
+
+    def back(t, like):
+        return t.transpose(1, 2).reshape(like.shape).to(like.dtype)
+
+    return [back(dq, q)] + [back(g, k) for g, k in zip(dkh, keys)] + [back(g, v) for g, v in zip(dvh, values)]
 
 
 def _window_mask(grid: Tuple[int, int], size: Tuple[int, int], device) -> torch.Tensor:

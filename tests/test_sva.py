@@ -267,3 +267,49 @@ def test_llava_and_hf_drop_ins(tower, pixels):
     with torch.no_grad():
         torch.testing.assert_close(model(pixels).last_hidden_state, no_proj(pixels), rtol=0, atol=0)
     assert isinstance(model, fhf.FusionVisionModel)
+
+
+# ----------------------------------------------------------------------------- the example
+
+
+def _example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_sva_from_cache", ROOT / "examples" / "train_sva_from_cache.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_example_target_and_equal_budgets():
+    ex = _example()
+    connectors = ex.build_connectors("tiny")
+    counts = {k: ex.count(v[2]) for k, v in connectors.items()}
+    assert abs(counts["sva"] - counts["concat"]) <= 0.01 * counts["sva"], counts
+    # the target, computed by hand for one cell: softmax-weighted window tokens, then the map
+    target = ex.AttentionPoolTarget("dino", (7, 7), 48, 4, 64, beta=4.0, seed=1)
+    x = torch.randn(2, 7, 7, 48)
+    got = target({"dino": x}) * target.scale
+    z = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True)
+    rows = _aten_runs(7, 4)  # cell (1, 2): rows [1, 4), columns [3, 6)
+    toks = torch.stack([z[:, r, c] for r in rows[1] for c in rows[2]], 1)  # [2, 9, 48]
+    w = (4.0 * toks @ target.u).softmax(-1)
+    want = (w.unsqueeze(-1) * toks).sum(1) @ target.proj
+    torch.testing.assert_close(got[:, 1 * 4 + 2], want, rtol=1e-5, atol=1e-5)
+
+
+def _aten_runs(n_in, n_out):
+    w = F.adaptive_avg_pool1d(torch.eye(n_in, dtype=torch.float64).unsqueeze(1), n_out).squeeze(1)
+    return [torch.nonzero(w[:, i] > 0).flatten().tolist() for i in range(n_out)]
+
+
+@pytest.mark.slow
+def test_example_sva_learns_what_the_fixed_merge_cannot(tmp_path):
+    ex = _example()
+    images = ex.make_images(tmp_path / "images", 160)
+    cache = ex.make_cache(tmp_path / "cache", "tiny", images)
+    res = ex.run(cache, steps=400, log=None)
+    sva, concat = res["sva"], res["concat"]
+    assert sva["held_out"][-1] < 0.8 * concat["held_out"][-1], (sva["held_out"], concat["held_out"])
+    assert sum(sva["train"][-50:]) <= sum(concat["train"][-50:])
+    assert sva["held_out"][-1] < sva["held_out"][0]  # it learns
