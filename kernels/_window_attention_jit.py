@@ -157,25 +157,23 @@ def _bwd_encoder(q, do, lse2, delta, dq, k_ptr, v_ptr, dk_ptr, dv_ptr, sk_ptr, s
         tok = (kr * w + kc) * HD  # int32: the launcher checks h*w*HD < 2**31
         lmask = kmask[:, None] & dmask[None, :]
         kt = tl.load(k_ptr + tok[:, None] + cols[None, :], mask=lmask, other=0.0).to(OPD)
-        vt = tl.load(v_ptr + tok[:, None] + cols[None, :], mask=lmask, other=0.0).to(OPD)
         s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale  # log2 units
         hit = (((kr[None, :] - rlo[:, None]).to(tl.uint32) < nr[:, None])
                & ((kc[None, :] - clo[:, None]).to(tl.uint32) < nc[:, None]))
         p = tl.where(hit, tl.exp2(s - lse2[:, None]), 0.0)  # [BM, BK] fp32
+        # own rows to dk / dv, rows shared with the previous band to its seam slot
+        own = (kr >= re_prev)[:, None]
+        sdst = ((((band - 1) * SR + kr - rs) * w + kc) * HD)[:, None] + cols[None, :]
+        dst = tok[:, None] + cols[None, :]
         dv = tl.dot(tl.trans(p.to(OPD)), do, input_precision=PREC)  # [BK, BD]
-        dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
-        ds = (p * (dp - delta[:, None])).to(OPD)
-        dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * scale
+        tl.store(dv_ptr + dst, dv.to(dv_ptr.dtype.element_ty), mask=lmask & own)
+        tl.store(sv_ptr + sdst, dv.to(sv_ptr.dtype.element_ty), mask=lmask & ~own)
+        vt = tl.load(v_ptr + dst, mask=lmask, other=0.0).to(OPD)
+        ds = (p * (tl.dot(do, tl.trans(vt), input_precision=PREC) - delta[:, None])).to(OPD)
         dq += tl.dot(ds, kt, input_precision=PREC)
-        own = kmask & (kr >= re_prev)
-        optrs = tok[:, None] + cols[None, :]
-        tl.store(dk_ptr + optrs, dk.to(dk_ptr.dtype.element_ty), mask=own[:, None] & dmask[None, :])
-        tl.store(dv_ptr + optrs, dv.to(dv_ptr.dtype.element_ty), mask=own[:, None] & dmask[None, :])
-        seam = kmask & (kr < re_prev)
-        stok = (((band - 1) * SR + kr - rs) * w + kc) * HD
-        smask = seam[:, None] & dmask[None, :]
-        tl.store(sk_ptr + stok[:, None] + cols[None, :], dk.to(sk_ptr.dtype.element_ty), mask=smask)
-        tl.store(sv_ptr + stok[:, None] + cols[None, :], dv.to(sv_ptr.dtype.element_ty), mask=smask)
+        dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * scale
+        tl.store(dk_ptr + dst, dk.to(dk_ptr.dtype.element_ty), mask=lmask & own)
+        tl.store(sk_ptr + sdst, dk.to(sk_ptr.dtype.element_ty), mask=lmask & ~own)
     return dq
 
 

@@ -44,6 +44,10 @@ require_canonical(__name__)  # registering the fusion:: ops twice frees them und
 
 MAX_SLOTS = 4       # encoders per launch (the kernels unroll this many pointer slots)
 MAX_HEAD_DIM = 256  # a [query tile, 256] fp32 accumulator is already past the register file
+# Left to itself, ptxas trims a kernel to 80 or 128 registers to fit more programs per SM
+# and spills the rest (dinosiglip, tiny shapes); one program of 8 warps per SM is plenty
+# here (the kernels are bandwidth-bound), so they may use the whole register file.
+MAX_REGISTERS = 255
 # (query cells per program, keys per chunk, warps) per pass and operand width: the largest
 # tiles that ptxas compiles without spills for sm_80, sm_86 and sm_90 at the vsre shapes
 # (benchmarks/compile_sva.py). fp32 operands multiply on CUDA cores, whose dot layouts hold
@@ -77,6 +81,7 @@ class WindowPlan:
     seam_offsets: Tuple[int, ...]  # per encoder: its first seam token
     seam_tokens: int              # seam tokens per batch item, all encoders
     num_stages: int
+    maxnreg: int                  # registers ptxas may use per thread (see MAX_REGISTERS)
 
 
 def _band_rows(win: WindowTable, i: int, BY: int) -> List[Tuple[int, int]]:
@@ -135,7 +140,7 @@ def window_plan(size: Tuple[int, int], grids: Tuple[Tuple[int, int], ...], head_
         seam_off.append(off)
         off += (bwd.n_bands - 1) * sr * w
     return WindowPlan(max(DOT_MIN, next_pow2(head_dim)), fwd, bwd, tuple(seam_rows), tuple(seam_off), off,
-                      num_stages=2)
+                      num_stages=2, maxnreg=MAX_REGISTERS)
 
 
 def operands(dtype: torch.dtype, device) -> Tuple[object, str]:
@@ -165,39 +170,41 @@ def compile_specs(size: Tuple[int, int], grids: Tuple[Tuple[int, int], ...], hea
                   dtype: torch.dtype) -> List[dict]:
     """Every kernel variant one call of this shape launches (forward and backward, one per
     group of ``MAX_SLOTS`` encoders), for ahead-of-time compiles: dicts with ``name``,
-    ``kernel``, ``signature`` (argument -> Triton type), ``constexprs`` (argument -> value),
-    ``num_warps``, ``num_stages``. Compile one with
-    ``triton.compile(ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v ...}), target=...)``.
+    ``kernel``, ``signature`` (argument -> Triton type), ``constexprs`` (argument -> value)
+    and the compile options ``num_warps``, ``num_stages``, ``maxnreg``::
+
+        triton.compile(ASTSource(s["kernel"], s["signature"], s["constexprs"]), target=GPUTarget(...),
+                       options={k: s[k] for k in ("num_warps", "num_stages", "maxnreg")})
     """
     plan = window_plan(tuple(size), tuple(grids), head_dim, dtype)
     win = area_windows(grids, size)
-    t = "*" + _TRITON_TYPES[dtype]
+    opd, prec = operands(dtype, "cuda")
     specs = []
     groups = _slot_groups(len(grids))
     for gi, g in enumerate(groups):
-        acc = t if len(groups) == 1 else "*fp32"  # several groups: fp32 partial outputs / dq
         for name, kernel, ps in (("fwd", _window_attention_fwd_kernel, plan.fwd),
                                  ("bwd", _window_attention_bwd_kernel, plan.bwd)):
-            opd, prec = operands(dtype, "cuda")
             consts = dict(**_shape_consts(win, g, plan, head_dim, heads, name), OPD=opd, PREC=prec)
-            sig = {}
-            for arg in kernel.arg_names:
-                if arg in consts:
-                    sig[arg] = "constexpr"
-                elif arg in ("lse_ptr", "runs_ptr"):
-                    sig[arg] = "*fp32" if arg == "lse_ptr" else "*i32"
-                elif arg in ("o_ptr", "dq_ptr"):
-                    sig[arg] = acc if (arg == "dq_ptr" or name == "fwd") else t
-                elif arg.endswith("_ptr"):
-                    sig[arg] = t
-                elif arg in ("qk_scale", "scale"):
-                    sig[arg] = "fp32"
-                else:
-                    sig[arg] = "i32"
             specs.append(dict(name=f"window_attention_{name}" + (f" group {gi}" if len(groups) > 1 else ""),
-                              kernel=kernel, signature=sig, constexprs=consts, num_warps=ps.warps,
-                              num_stages=plan.num_stages))
+                              kernel=kernel, signature=_signature(kernel, consts, dtype, name, len(groups) > 1),
+                              constexprs=consts, num_warps=ps.warps, num_stages=plan.num_stages,
+                              maxnreg=plan.maxnreg))
     return specs
+
+
+def _signature(kernel, consts: dict, dtype: torch.dtype, which: str, grouped: bool) -> dict:
+    """Triton argument types of one launch: tensors in ``dtype``, the log-sum-exp fp32, the run
+    table int32; with several encoder groups the partial outputs / dq are fp32."""
+    t = "*" + _TRITON_TYPES[dtype]
+    special = {"lse_ptr": "*fp32", "runs_ptr": "*i32", "qk_scale": "fp32", "scale": "fp32",
+               "dq_ptr": "*fp32" if grouped else t, "o_ptr": "*fp32" if grouped and which == "fwd" else t}
+    return {arg: "constexpr" if arg in consts else special.get(arg, t if arg.endswith("_ptr") else "i32")
+            for arg in kernel.arg_names}
+
+
+def _regs(t: Tensor, plan: WindowPlan) -> dict:
+    """``maxnreg`` for CUDA launches (the interpreter takes no register options)."""
+    return {"maxnreg": plan.maxnreg} if t.device.type == "cuda" else {}
 
 
 def _operand_consts(t: Tensor) -> dict:
@@ -251,7 +258,7 @@ def window_attention_forward(q: Tensor, keys: Sequence[Tensor], values: Sequence
         _window_attention_fwd_kernel[launch_grid(plan.fwd, B, heads)](
             q, out, lse, runs[g[0]:], *ptrs, scale * 1.4426950408889634,
             **_shape_consts(win, g, plan, d, heads, "fwd"), **_operand_consts(q),
-            num_warps=plan.fwd.warps, num_stages=plan.num_stages)
+            num_warps=plan.fwd.warps, num_stages=plan.num_stages, **_regs(q, plan))
         outs.append(out)
         lses.append(lse)
     if len(groups) == 1:
@@ -284,7 +291,7 @@ def window_attention_backward(grad: Tensor, q: Tensor, keys: Sequence[Tensor], v
         _window_attention_bwd_kernel[launch_grid(plan.bwd, B, heads)](
             q, out, grad, lse, dq, runs[g[0]:], seam if seam.numel() else q, B * plan.seam_tokens * HD,
             *ptrs, scale * 1.4426950408889634, scale, **_shape_consts(win, g, plan, d, heads, "bwd"),
-            **_operand_consts(q), num_warps=plan.bwd.warps, num_stages=plan.num_stages)
+            **_operand_consts(q), num_warps=plan.bwd.warps, num_stages=plan.num_stages, **_regs(q, plan))
         dqs.append(dq)
     _add_seams(dks, dvs, seam, plan, win)
     dq = dqs[0] if len(dqs) == 1 else sum(dqs).to(q.dtype)
@@ -292,13 +299,15 @@ def window_attention_backward(grad: Tensor, q: Tensor, keys: Sequence[Tensor], v
 
 
 def _add_seams(dks: List[Tensor], dvs: List[Tensor], seam: Tensor, plan: WindowPlan, win: WindowTable) -> None:
-    """Add each band's partial for the key rows it shares with the previous band."""
+    """Add each band's partial for the key rows it shares with the previous band. Every row is
+    shared by at most two bands (:func:`_bands_ok`), so ``dst`` has no repeats: a plain indexed
+    write, deterministic (no ``index_add_``, which uses atomics on CUDA)."""
     for i in range(len(dks)):
         if plan.seam_rows[i] == 0:
             continue
         dst, src = _seam_index(win, plan, i, str(dks[i].device))
-        dks[i].index_add_(1, dst, seam[0].index_select(1, src))
-        dvs[i].index_add_(1, dst, seam[1].index_select(1, src))
+        dks[i][:, dst] = dks[i][:, dst] + seam[0][:, src]
+        dvs[i][:, dst] = dvs[i][:, dst] + seam[1][:, src]
 
 
 @functools.lru_cache(maxsize=256)
