@@ -381,3 +381,47 @@ def check_compiled(tower, grids, backend):
     assert set(g_eager) == set(g_compiled) and any(n.startswith("merge.sva.layers") for n in g_eager)
     for name, g in g_eager.items():
         torch.testing.assert_close(g_compiled[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_extracts_with_sva_from_the_cli(preset, tmp_path):
+    """The full presets (ViT-L, SO400M, SAM ViT-B at random weights: run under
+    `flock /tmp/fusion-heavy.lock`) with Cambrian's default SVA, from the command line."""
+    out = tmp_path / "feats"
+    assert cli(["extract", preset, "fusion.combine=sva", "--weights", "random", "--images",
+                str(EXAMPLES / "house.jpg"), "--out", str(out), "--no-progress"]) == 0
+    cfg = load_config(preset, ["fusion.combine=sva"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    width = cfg.projector.out_dim if cfg.projector.type != "none" else cfg.fusion.sva.dim
+    assert manifest["tokens"] == [cfg.fusion.grid ** 2, width]
+    feats = load_file(str(out / next(iter(manifest["shards"]))))
+    assert feats["house.jpg"].shape == (cfg.fusion.grid ** 2, width) and torch.isfinite(feats["house.jpg"]).all()
+
+
+@pytest.mark.distributed
+def test_fsdp_two_processes_with_sva():
+    """FSDP2 over the SVA tower (its layers are units) on 2 CPU processes: outputs and averaged
+    gradients equal the unsharded tower's (the worker of tests/test_distributed.py)."""
+    import torch.multiprocessing as mp
+
+    from test_distributed import WORLD, _free_port, _fsdp_worker
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("forks the test process")
+    tower = build_tower("tiny", SMALL + ["encoders.dino.freeze=false"], weights="random", seed=0).train()
+    pixels = torch.rand(WORLD, 3, 98, 98, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref_out = tower(pixels)
+    grads = []
+    for r in range(WORLD):
+        tower.zero_grad(set_to_none=True)
+        tower(pixels[r:r + 1]).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in tower.named_parameters() if p.grad is not None})
+    ref_grads = {n: sum(g[n] for g in grads) / WORLD for n in grads[0]}
+    assert any(n.startswith("merge.sva.layers.1.") for n in ref_grads)
+    tower.zero_grad(set_to_none=True)
+    tower.eval()
+    frozen = {n for n, p in tower.named_parameters() if not p.requires_grad}
+    mp.start_processes(_fsdp_worker, args=(_free_port(), tower, pixels, ref_out, ref_grads, frozen),
+                       nprocs=WORLD, start_method="fork")
