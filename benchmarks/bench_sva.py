@@ -6,8 +6,9 @@ attention: keys / values projected once per token, windows read in place) agains
 ``[B*G*G, window, dim]`` rows, position embedding, LayerNorm and projections on every
 copy, SDPA with a padding mask) with identical weights, at the vsre grids (CLIP 24x24x1024,
 SigLIP 27x27x1152, SAM 64x64x256, DINOv2 24x24x1024 onto 24x24), in one run: outputs
-checked first, then forward and forward + backward times (median) and peak memory above
-the inputs (CUDA: ``max_memory_allocated``; CPU: the resident-set high-water mark).
+checked first, then forward and forward + backward times (the fastest of ``--iters`` runs,
+interleaved between the two so that other jobs on a shared machine hit both alike) and
+peak memory above the inputs (CUDA: ``max_memory_allocated``; CPU: the resident-set high-water mark).
 CPU: fp32, threads as set; CUDA: bf16 (``--dtype``).
 
     python benchmarks/bench_sva.py                        # B=16, dim 512, 8 heads, 3 layers
@@ -24,7 +25,6 @@ Shapes: vsre grids, 2 heads of 64 (``--traffic-heads``; the ratio does not depen
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -131,26 +131,24 @@ def build_pair(args, device, dtype):
     return ours.to(device, dtype), ref.to(device, dtype)
 
 
-def measure(fn, device, iters, backward):
+def measure_once(fn, device, backward):
+    """``(seconds, peak MB)`` of one forward (and backward)."""
     import torch
 
     from bench_tower import PeakMemory
 
-    times, peaks = [], []
-    for _ in range(iters):
-        with PeakMemory(device) as peak:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = fn()
-            if backward:
-                out.float().square().mean().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            del out
-        peaks.append(peak.mb)
-    return statistics.median(times), statistics.median(peaks)
+    with PeakMemory(device) as peak:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if backward:
+            out.float().square().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        del out
+    return seconds, peak.mb
 
 
 def run_speed(args):
@@ -169,17 +167,23 @@ def run_speed(args):
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     if not err <= tol:
         raise SystemExit(f"outputs differ: max relative error {err:.2e} > {tol}")
+    models = {"fusion sva (window_attention)": ours, "Cambrian reshape-and-SDPA": ref}
+    runs = {(name, bwd): [] for name in models for bwd in (False, True)}
+    for _ in range(args.iters):  # interleaved, so that load from other jobs hits both alike
+        for bwd in (False, True):
+            for name, model in models.items():
+                with torch.enable_grad() if bwd else torch.no_grad():
+                    runs[(name, bwd)].append(measure_once(lambda: model(grids), device, bwd))
+                model.zero_grad(set_to_none=True)
     rows = []
-    for name, model in (("fusion sva (window_attention)", ours), ("Cambrian reshape-and-SDPA", ref)):
-        with torch.no_grad():
-            fwd = measure(lambda: model(grids), device, args.iters, backward=False)
-        both = measure(lambda: model(grids), device, args.iters, backward=True)
-        model.zero_grad(set_to_none=True)
-        rows.append(dict(impl=name, fwd_ms=1e3 * fwd[0], fwd_peak_mb=fwd[1], train_ms=1e3 * both[0],
-                         train_peak_mb=both[1]))
+    for name in models:
+        fwd, both = runs[(name, False)], runs[(name, True)]
+        rows.append(dict(impl=name, fwd_ms=1e3 * min(t for t, _ in fwd), fwd_peak_mb=max(m for _, m in fwd),
+                         train_ms=1e3 * min(t for t, _ in both), train_peak_mb=max(m for _, m in both)))
     head = (f"SVA at the vsre grids {[h for _, h, _ in VSRE]} -> {args.grid}x{args.grid}, B={args.batch}, "
             f"dim {args.dim}, {args.heads} heads, {args.layers} layers, {str(dtype).replace('torch.', '')}, "
-            f"{device.type} ({torch.get_num_threads()} threads), median of {args.iters}; max relative "
+            f"{device.type} ({torch.get_num_threads()} threads), fastest of {args.iters} interleaved runs (peak "
+            f"memory: the largest); max relative "
             f"difference {err:.1e}")
     lines = [head, "", "| implementation | forward ms | forward peak MB | fwd+bwd ms | fwd+bwd peak MB |",
              "| --- | --- | --- | --- | --- |"]
