@@ -28,12 +28,13 @@ PRESET_DIR = Path(__file__).with_name("configs")
 DTYPES = ("float32", "float16", "bfloat16")
 RESAMPLE_MODES = ("area", "bilinear")
 NORMS = ("layernorm", "none")
-COMBINES = ("channel_concat", "sequence_concat")
+COMBINES = ("channel_concat", "sequence_concat", "sva")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 PROJECTORS = ("none", "linear", "mlp2x_gelu", "fused_gelu_mlp")
 PROCESSOR_MODES = ("pad", "squash", "crop")
 REDUCE_METHODS = ("bipartite",)
 POS_EMBEDS = ("none", "sincos")
+SVA_CONTEXTS = ("first", "none")
 
 
 # ----------------------------------------------------------------------------- schema
@@ -73,6 +74,17 @@ class ReduceConfig:
 
 
 @dataclass
+class SVAConfig:
+    """The Spatial Vision Aggregator of ``fusion.combine: sva`` (see fusion.sva); defaults are
+    Cambrian-1's (width 1024, 16 heads, 3 layers, the first encoder's mean as context)."""
+
+    dim: int = 1024
+    heads: int = 16
+    layers: int = 3
+    context: str = "first"
+
+
+@dataclass
 class FusionConfig:
     """How the encoder grids become one token sequence.
 
@@ -80,6 +92,7 @@ class FusionConfig:
     it (a leading entry equal to ``grid`` names the fused grid itself and adds nothing).
     ``reduce``: null, or a :class:`ReduceConfig`. ``pos_embed``: ``none`` or ``sincos``
     (a fixed 2-D sin-cos embedding of each token's box centre added before the projector).
+    ``sva``: the aggregator's settings when ``combine`` is ``sva`` (defaults filled in).
     """
 
     grid: int = 24
@@ -92,6 +105,7 @@ class FusionConfig:
     levels: List[int] = field(default_factory=list)
     reduce: Optional[ReduceConfig] = None
     pos_embed: str = "none"
+    sva: Optional[SVAConfig] = None
 
     def extra_levels(self) -> List[int]:
         """The levels appended after the fused grid (``levels`` without a leading ``grid``)."""
@@ -261,6 +275,7 @@ def parse_config(raw: Mapping[str, Any]) -> TowerConfig:
         raise ValueError(f"projector.out_dim: projector.type {projector.type!r} needs an output width "
                          f"(a positive int); got null")
     _check_levels(fusion)
+    _check_sva(fusion)
     _check_reduce(fusion, list(encoders))
     _check_pad_color(processor, list(encoders))
     return TowerConfig(encoders=encoders, fusion=fusion, projector=projector, processor=processor)
@@ -278,12 +293,31 @@ def _check_levels(fusion: FusionConfig) -> None:
                              f"strictly decreasing, e.g. [12, 6, 3]")
 
 
+def _check_sva(fusion: FusionConfig) -> None:
+    """``fusion.sva`` goes with ``combine: sva`` (filled with defaults there), area windows, no width."""
+    if fusion.combine != "sva":
+        if fusion.sva is not None:
+            raise ValueError(f"fusion.sva: set, but fusion.combine is {fusion.combine!r}; the aggregator runs "
+                             f"only with combine 'sva' (set it, or remove fusion.sva)")
+        return
+    sva = fusion.sva = fusion.sva or SVAConfig()
+    if sva.dim % sva.heads:
+        raise ValueError(f"fusion.sva.heads: got {sva.heads}, which does not divide fusion.sva.dim={sva.dim}; "
+                         f"dim must be a multiple of heads")
+    if fusion.resample != "area":
+        raise ValueError(f"fusion.resample: got {fusion.resample!r}; combine 'sva' attends to each cell's area "
+                         f"window (grid_merge's area tables), so resample must be 'area'")
+    if fusion.width is not None:
+        raise ValueError(f"fusion.width: got {fusion.width}; combine 'sva' sets its width with fusion.sva.dim, "
+                         f"so leave fusion.width null")
+
+
 def _check_reduce(fusion: FusionConfig, encoder_names: List[str]) -> None:
     """``fusion.reduce``: ``keep`` within the fused token count, ``metric`` a valid source."""
     red = fusion.reduce
     if red is None:
         return
-    n_grids = 1 if fusion.combine == "channel_concat" else len(encoder_names)
+    n_grids = len(encoder_names) if fusion.combine == "sequence_concat" else 1
     n_tokens = fusion.grid * fusion.grid * n_grids
     if red.keep is None:
         raise ValueError(f"fusion.reduce.keep: missing; set the number of fused tokens to keep "
@@ -298,7 +332,7 @@ def _check_reduce(fusion: FusionConfig, encoder_names: List[str]) -> None:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"fusion.reduce.metric: got {red.metric!r}{hint}; accepted values are {choices} "
                          f"('fused' or an encoder name)")
-    if red.metric != "fused" and fusion.combine != "channel_concat":
+    if red.metric != "fused" and fusion.combine == "sequence_concat":
         raise ValueError(f"fusion.reduce.metric: an encoder metric ({red.metric!r}) gives one feature per grid "
                          f"cell, but fusion.combine {fusion.combine!r} has {n_grids} tokens per cell; use "
                          f"metric 'fused' or combine 'channel_concat'")
@@ -352,6 +386,12 @@ def _check_keys(raw: Mapping[str, Any], allowed: Sequence[str], prefix: str, ext
         raise ValueError(f"{dotted}: unknown key{hint}; valid keys here are {list(allowed)}")
 
 
+def _sva(value: Any, key: str) -> Optional[SVAConfig]:
+    if value is None:
+        return None
+    return _parse_section(SVAConfig, value, key, _SVA_CHECKS)
+
+
 def _reduce(value: Any, key: str) -> Optional[ReduceConfig]:
     if value is None:
         return None
@@ -386,6 +426,13 @@ _FUSION_CHECKS = {
     "levels": int_list(1, "e.g. [12, 6, 3]: coarser square levels of the fused grid"),
     "reduce": _reduce,
     "pos_embed": choice(POS_EMBEDS),
+    "sva": _sva,
+}
+_SVA_CHECKS = {
+    "dim": integer(minimum=1),
+    "heads": integer(minimum=1),
+    "layers": integer(minimum=1),
+    "context": choice(SVA_CONTEXTS),
 }
 _PROJECTOR_CHECKS = {
     "type": choice(PROJECTORS),

@@ -7,7 +7,9 @@ patch embedding, position embedding, final norms, SAM's neck), then the projecto
 then to the tower, so one block's full weights exist only while that block runs. The
 merge (a LayerNorm per encoder, optional adapters) is small and stays with the tower's
 own unit: its methods call one another (``sequence`` calls ``forward``), and a unit of
-its own would be resharded between them. Frozen encoders stay frozen: FSDP2 keeps
+its own would be resharded between them; with ``combine: sva`` each aggregation layer
+(tens of MB at Cambrian's width) is a unit of its own (gathered once per fused grid:
+once, or once more per batch of ROI crops). Frozen encoders stay frozen: FSDP2 keeps
 ``requires_grad`` per parameter, and the tower still runs them without autograd. It
 works on CPU with gloo (tested with two processes) and on GPUs with NCCL; pass
 ``mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)`` for bf16 compute.
@@ -55,12 +57,15 @@ def _has_params(module: nn.Module) -> bool:
 
 
 def fsdp_units(tower) -> List[nn.Module]:
-    """Modules to shard, innermost first: each encoder's blocks, each encoder, the projector (if
-    it has parameters). Shard the tower itself last: it holds the rest (the merge)."""
+    """Modules to shard, innermost first: each encoder's blocks, each encoder, the SVA's layers
+    (``combine: sva``), the projector (if it has parameters). Shard the tower itself last: it
+    holds the rest (the merge)."""
     units: List[nn.Module] = []
     for enc in tower.encoders.values():
         units.extend(encoder_blocks(enc))
         units.append(enc)
+    if tower.merge.sva is not None:  # combine: sva: each aggregation layer is a unit (tens of MB at dim 1024)
+        units.extend(tower.merge.sva.blocks())
     if _has_params(tower.projector):
         units.append(tower.projector)
     return units

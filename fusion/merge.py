@@ -8,6 +8,9 @@ Every grid is resampled to the target grid (``area`` = adaptive average pooling,
 - ``sequence_concat`` (VSRE): ``[B, k*G*G, C]``, encoder after encoder. Widths must be
   equal, or ``fusion.width`` set: then each encoder's grid is first mapped to that
   width by its own trainable ``Linear``.
+- ``sva`` (Cambrian's Spatial Vision Aggregator, :mod:`fusion.sva`): ``[B, G*G, dim]``,
+  learned queries cross-attending to each cell's window in every encoder grid
+  (instead of resampling; ``fusion.norm`` is its input projections' LayerNorm).
 
 The work is done by :func:`fusion.kernels.grid_merge` (Triton on CUDA, PyTorch
 otherwise, per ``fusion.kernels``).
@@ -41,6 +44,7 @@ from .kernels import grid_merge
 from .levels import Levels
 from .posembed import sincos_2d
 from .reduce import TokenReducer
+from .sva import SpatialVisionAggregator
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,11 @@ class FusionMerge(nn.Module):
         self.size = (cfg.grid, cfg.grid)
         widths = {s.name: s.dim for s in self.specs}
         self.adapters = nn.ModuleDict()
-        self.layout = "channel" if cfg.combine == "channel_concat" else "sequence"
+        self.layout = "sequence" if cfg.combine == "sequence_concat" else "channel"  # sva: one token per cell
+        self.sva = None
+        if cfg.combine == "sva":
+            self.sva = SpatialVisionAggregator([(s.name, s.grid, s.dim) for s in self.specs], cfg.grid, cfg.sva,
+                                               norm=cfg.norm == "layernorm", eps=cfg.eps, backend=cfg.kernels)
         if self.layout == "sequence":
             if cfg.width is not None:
                 self.adapters = nn.ModuleDict({s.name: nn.Linear(s.dim, cfg.width) for s in self.specs})
@@ -98,7 +106,7 @@ class FusionMerge(nn.Module):
                 )
         self.widths = widths
         self.norms = nn.ModuleDict()
-        if cfg.norm == "layernorm":
+        if cfg.norm == "layernorm" and self.sva is None:
             self.norms = nn.ModuleDict({name: nn.LayerNorm(c, eps=cfg.eps) for name, c in widths.items()})
         groups = None if self.layout == "channel" else [s.name for s in self.specs]
         self.levels = Levels(cfg.grid, cfg.extra_levels(), groups=groups, backend=cfg.kernels)
@@ -111,6 +119,8 @@ class FusionMerge(nn.Module):
     @property
     def out_dim(self) -> int:
         """Width of each fused token."""
+        if self.sva is not None:
+            return self.sva.dim
         widths = list(self.widths.values())
         return sum(widths) if self.layout == "channel" else widths[0]
 
@@ -205,6 +215,8 @@ class FusionMerge(nn.Module):
             if spec.name in self.adapters:
                 x = self.adapters[spec.name](x)
             ordered.append(x)
+        if self.sva is not None:
+            return self.sva(ordered)
         norms = None
         if len(self.norms):
             norms = [(self.norms[s.name].weight, self.norms[s.name].bias) for s in self.specs]

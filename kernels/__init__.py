@@ -5,6 +5,9 @@ Public ops (each with a Triton path for CUDA tensors and a PyTorch reference pat
 - :func:`grid_merge`: resample several ``[B, h_i, w_i, C_i]`` encoder grids to one target
   grid (area or bilinear), LayerNorm each, concatenate (channels or sequence).
 - :func:`pyramid_pool`: area-pool ``[B, H*W, C]`` tokens to several coarser levels.
+- :func:`window_attention`: each cell of a query grid attends to its area window in
+  several encoder grids, one softmax (the SVA's cross-attention; windows from
+  :func:`area_windows`).
 
 ``naive_grid_merge`` / ``naive_pyramid_pool`` are the hand-written PyTorch sequences
 used as independent oracle and benchmark baseline.
@@ -13,6 +16,9 @@ if __name__ == "fusion.kernels":
     from .grid_merge import grid_merge  # noqa: F401  (binds the function over the submodule)
     from .pyramid_pool import pyramid_pool  # noqa: F401
     from .bipartite_merge import bipartite_merge, reduce_to  # noqa: F401
+    from .window_attention import window_attention  # noqa: F401
+    from .windows import WindowTable, area_windows  # noqa: F401
+    from .window_attention_reference import naive_window_attention  # noqa: F401
     from .reference import (  # noqa: F401
         grid_merge_reference,
         naive_grid_merge,
@@ -33,6 +39,10 @@ if __name__ == "fusion.kernels":
         "reduce_to",
         "bipartite_merge_reference",
         "bipartite_merge_full",
+        "window_attention",
+        "area_windows",
+        "WindowTable",
+        "naive_window_attention",
     ]
 else:
     # Under any other name (a top-level ``kernels`` import from a checkout's root) this

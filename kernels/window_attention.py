@@ -1,0 +1,460 @@
+"""window_attention: multi-encoder windowed cross-attention (the Spatial Vision Aggregator's core).
+
+Every cell ``(y, x)`` of a query grid ``(Gh, Gw)`` attends, with one softmax over all
+encoders jointly, to the tokens of each encoder grid inside its area window
+(:mod:`.windows`), per head:
+
+    out[b, m, head] = softmax_{t in windows(m)} (q[b, m, head] . k[b, t, head] * scale) @ v[b, t, head]
+
+Layouts: ``q [B, Gh*Gw, heads*d]``; ``keys[i]`` / ``values[i]`` ``[B, h_i*w_i, heads*d]``
+(each encoder's tokens projected once by ordinary GEMMs, row-major grids); output
+``[B, Gh*Gw, heads*d]`` in ``q``'s dtype.
+
+The Triton kernels (:mod:`._window_attention_jit`) read every window in place: no
+``[B*G*G, window, C]`` gather, no score matrix in memory, fp32 accumulation, an online
+softmax across encoders. Each key / value row is read once per band of query rows that
+needs it (the one boundary row two bands share is read twice). The backward writes each
+dk / dv element once (plus a seam partial for shared boundary rows, added by the
+launcher): deterministic, no atomics. More than ``MAX_SLOTS`` encoders run as several
+launches combined by their log-sum-exp.
+
+Launch parameters (:func:`window_plan`, :func:`launch_grid`) are a pure function of the
+shapes and dtype, separate from the launches, so a compile report can build every
+variant ahead of time.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+from ._canonical import require_canonical
+from ._plan import DOT_MIN, next_pow2
+from ._triton import HAVE_TRITON, tl, triton_runs_on
+from ._window_attention_jit import _window_attention_bwd_kernel, _window_attention_fwd_kernel
+from .window_attention_reference import window_attention_reference, window_attention_reference_backward
+from .windows import WindowTable, area_windows, check_windows
+
+require_canonical(__name__)  # registering the fusion:: ops twice frees them under live handles
+
+MAX_SLOTS = 4       # encoders per launch (the kernels unroll this many pointer slots)
+MAX_HEAD_DIM = 256  # a [query tile, 256] fp32 accumulator is already past the register file
+# Left to itself, ptxas trims a kernel to 80 or 128 registers to fit more programs per SM
+# and spills the rest (dinosiglip, tiny shapes); one program of 8 warps per SM is plenty
+# here (the kernels are bandwidth-bound), so they may use the whole register file.
+MAX_REGISTERS = 255
+# (query cells per program, keys per chunk, warps) per pass and operand width: the largest
+# tiles that ptxas compiles without spills for sm_80, sm_86 and sm_90 at the vsre shapes
+# (benchmarks/compile_sva.py). fp32 operands multiply on CUDA cores, whose dot layouts hold
+# whole operand rows per thread, hence the smaller key chunks; the backward holds q, dO,
+# dq and p, ds, dk, dv per chunk, hence the smaller query tile.
+TILES = {("fwd", 2): (128, 32, 8), ("fwd", 4): (64, 16, 8),
+         ("bwd", 2): (64, 32, 8), ("bwd", 4): (64, 16, 8)}
+
+
+# --------------------------------------------------------------------------------------
+# Launch plan
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PassPlan:
+    """Bands and chunks of one pass (forward or backward)."""
+    BY: int                                 # query rows per band (one program per band, batch item, head)
+    BM: int                                 # query tile rows (pow2 >= BY * Gw)
+    n_bands: int
+    chunks: Tuple[Tuple[int, int], ...]     # per encoder: (rows BR, columns BCW) of a key chunk
+    warps: int
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Block sizes of one ``window_attention`` shape and dtype (see :func:`window_plan`)."""
+    BD: int                       # head-dim tile (pow2 >= d)
+    fwd: PassPlan
+    bwd: PassPlan
+    seam_rows: Tuple[int, ...]    # per encoder: key rows a backward band shares with the previous one (max)
+    seam_offsets: Tuple[int, ...]  # per encoder: its first seam token
+    seam_tokens: int              # seam tokens per batch item, all encoders
+    num_stages: int
+    maxnreg: int                  # registers ptxas may use per thread (see MAX_REGISTERS)
+
+
+def _band_rows(win: WindowTable, i: int, BY: int) -> List[Tuple[int, int]]:
+    """Key rows ``[rs, re)`` of grid ``i`` each band of ``BY`` query rows needs."""
+    Gh = win.size[0]
+    return [(win.rows[i][y0][0], win.rows[i][min(y0 + BY, Gh) - 1][1]) for y0 in range(0, Gh, BY)]
+
+
+def _bands_ok(win: WindowTable, BY: int) -> bool:
+    """No key row is needed by two bands that are not neighbours (the seam scheme's premise)."""
+    for i in range(len(win.grids)):
+        need = _band_rows(win, i, BY)
+        if any(need[p - 1][1] > need[p + 1][0] for p in range(1, len(need) - 1)):
+            return False
+    return True
+
+
+def _chunk(w: int, rows_per_band: Sequence[int], keys: int) -> Tuple[int, int]:
+    """``(BR, BCW)`` with ``BR * BCW == keys``: the chunk shape with the fewest padded key slots
+    over the bands' rows (ties: wider chunks, fewer loop steps)."""
+    best = None
+    for bcw in sorted({min(next_pow2(w), keys)} | {c for c in (16, 32, 64) if c <= keys}):
+        br = keys // bcw
+        slots = sum(-(-r // br) * br for r in rows_per_band) * (-(-w // bcw) * bcw)
+        if best is None or (slots, -bcw) < best[0]:
+            best = ((slots, -bcw), (br, bcw))
+    return best[1]
+
+
+def _pass(win: WindowTable, query_tile: int, keys: int, warps: int) -> PassPlan:
+    """Bands of ``query_tile // Gw`` query rows (all columns), more rows when enlarging windows
+    would share a key row between non-neighbouring bands."""
+    Gh, Gw = win.size
+    BY = max(1, min(Gh, query_tile // Gw))
+    while BY < Gh and not _bands_ok(win, BY):
+        BY += 1
+    chunks = tuple(_chunk(w, [re - rs for rs, re in _band_rows(win, i, BY)], keys)
+                   for i, (_, w) in enumerate(win.grids))
+    return PassPlan(BY, max(DOT_MIN, next_pow2(BY * Gw)), -(-Gh // BY), chunks, warps)
+
+
+@functools.lru_cache(maxsize=256)
+def window_plan(size: Tuple[int, int], grids: Tuple[Tuple[int, int], ...], head_dim: int,
+                dtype: torch.dtype = torch.float16) -> WindowPlan:
+    """Block sizes for query grid ``size`` over ``grids``, head dimension ``head_dim``, inputs of
+    ``dtype`` (tiles from ``TILES``; the seam slots of the backward's bands)."""
+    win = area_windows(grids, size)
+    width = 4 if dtype == torch.float32 else 2
+    fwd = _pass(win, *TILES[("fwd", width)])
+    bwd = _pass(win, *TILES[("bwd", width)])
+    seam_rows, seam_off, off = [], [], 0
+    for i, (_, w) in enumerate(grids):
+        need = _band_rows(win, i, bwd.BY)
+        sr = max([max(0, need[p - 1][1] - need[p][0]) for p in range(1, bwd.n_bands)], default=0)
+        seam_rows.append(sr)
+        seam_off.append(off)
+        off += (bwd.n_bands - 1) * sr * w
+    return WindowPlan(max(DOT_MIN, next_pow2(head_dim)), fwd, bwd, tuple(seam_rows), tuple(seam_off), off,
+                      num_stages=2, maxnreg=MAX_REGISTERS)
+
+
+def operands(dtype: torch.dtype, device) -> Tuple[object, str]:
+    """``(OPD, PREC)``: the dtype of the kernels' ``tl.dot`` operands and their precision.
+
+    fp16 / bf16 inputs multiply in their own dtype on tensor cores, with the softmax
+    probabilities and score gradients rounded to it for their products (as flash
+    attention does; fp32 accumulation throughout). fp32 inputs use IEEE fp32 products
+    (1e-5). One exception: in the Triton interpreter (CPU tensors) bf16 arithmetic is
+    wrong (products of 16 x 16 tiles come out at 1e10), so bf16 runs with fp32 operands
+    there; fp16 keeps its own (the interpreter gets those right).
+    """
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and torch.device(device).type == "cpu"):
+        return tl.float32, "ieee" if dtype == torch.float32 else "tf32"
+    return (tl.float16 if dtype == torch.float16 else tl.bfloat16), "ieee"
+
+
+def launch_grid(plan: PassPlan, batch: int, heads: int) -> Tuple[int, int]:
+    """Programs of a pass: ``(bands, batch * heads)``."""
+    return plan.n_bands, batch * heads
+
+
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def compile_specs(size: Tuple[int, int], grids: Tuple[Tuple[int, int], ...], heads: int, head_dim: int,
+                  dtype: torch.dtype) -> List[dict]:
+    """Every kernel variant one call of this shape launches (forward and backward, one per
+    group of ``MAX_SLOTS`` encoders), for ahead-of-time compiles: dicts with ``name``,
+    ``kernel``, ``signature`` (argument -> Triton type), ``constexprs`` (argument -> value)
+    and the compile options ``num_warps``, ``num_stages``, ``maxnreg``::
+
+        triton.compile(ASTSource(s["kernel"], s["signature"], s["constexprs"]), target=GPUTarget(...),
+                       options={k: s[k] for k in ("num_warps", "num_stages", "maxnreg")})
+    """
+    plan = window_plan(tuple(size), tuple(grids), head_dim, dtype)
+    win = area_windows(grids, size)
+    opd, prec = operands(dtype, "cuda")
+    specs = []
+    groups = _slot_groups(len(grids))
+    for gi, g in enumerate(groups):
+        for name, kernel, ps in (("fwd", _window_attention_fwd_kernel, plan.fwd),
+                                 ("bwd", _window_attention_bwd_kernel, plan.bwd)):
+            consts = dict(**_shape_consts(win, g, plan, head_dim, heads, name), OPD=opd, PREC=prec)
+            specs.append(dict(name=f"window_attention_{name}" + (f" group {gi}" if len(groups) > 1 else ""),
+                              kernel=kernel, signature=_signature(kernel, consts, dtype, name, len(groups) > 1),
+                              constexprs=consts, num_warps=ps.warps, num_stages=plan.num_stages,
+                              maxnreg=plan.maxnreg))
+    return specs
+
+
+def _signature(kernel, consts: dict, dtype: torch.dtype, which: str, grouped: bool) -> dict:
+    """Triton argument types of one launch: tensors in ``dtype``, the log-sum-exp fp32, the run
+    table int32; with several encoder groups the partial outputs / dq are fp32."""
+    t = "*" + _TRITON_TYPES[dtype]
+    special = {"lse_ptr": "*fp32", "runs_ptr": "*i32", "qk_scale": "fp32", "scale": "fp32",
+               "dq_ptr": "*fp32" if grouped else t, "o_ptr": "*fp32" if grouped and which == "fwd" else t}
+    return {arg: "constexpr" if arg in consts else special.get(arg, t if arg.endswith("_ptr") else "i32")
+            for arg in kernel.arg_names}
+
+
+def _regs(t: Tensor, plan: WindowPlan) -> dict:
+    """``maxnreg`` for CUDA launches (the interpreter takes no register options)."""
+    return {"maxnreg": plan.maxnreg} if t.device.type == "cuda" else {}
+
+
+def _operand_consts(t: Tensor) -> dict:
+    opd, prec = operands(t.dtype, t.device)
+    return dict(OPD=opd, PREC=prec)
+
+
+def _slot_groups(n: int) -> List[range]:
+    return [range(s, min(n, s + MAX_SLOTS)) for s in range(0, n, MAX_SLOTS)]
+
+
+def _shape_consts(win: WindowTable, g: Sequence[int], plan: WindowPlan, d: int, heads: int, which: str) -> dict:
+    """The constexpr arguments of one launch: shapes (the kernels specialise on them, so index
+    math folds to constants), blocks, and per slot its grid width, tokens, chunk and seams."""
+    ps = plan.fwd if which == "fwd" else plan.bwd
+    out = dict(Gh=win.size[0], Gw=win.size[1], heads=heads, d=d, HD=heads * d, NE=len(g), BY=ps.BY, BM=ps.BM,
+               BD=plan.BD)
+    for k in range(MAX_SLOTS):
+        i = g[k] if k < len(g) else None  # unused slots: placeholders the kernel never reads
+        br, bc = ps.chunks[i] if i is not None else (1, DOT_MIN)
+        out.update({f"w{k}": win.grids[i][1] if i is not None else 1, f"n{k}": win.tokens(i) if i is not None else 1,
+                    f"BR{k}": br, f"BC{k}": bc})
+        if which == "bwd":
+            out.update({f"so{k}": plan.seam_offsets[i] if i is not None else 0,
+                        f"sr{k}": plan.seam_rows[i] if i is not None else 0})
+    if which == "bwd":
+        out["seam_tokens"] = plan.seam_tokens
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+def window_attention_forward(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor], win: WindowTable,
+                             heads: int, scale: float) -> Tuple[Tensor, Tensor]:
+    """Triton forward: ``(out [B, M, HD] in q's dtype, lse [B, heads, M] fp32)``."""
+    B, M, HD = q.shape
+    d = HD // heads
+    plan = window_plan(win.size, win.grids, d, q.dtype)
+    q = q.contiguous()
+    keys, values = [k.contiguous() for k in keys], [v.contiguous() for v in values]
+    runs = win.runs_table(q.device)
+    groups = _slot_groups(len(keys))
+    outs, lses = [], []
+    for g in groups:
+        out = torch.empty(B, M, HD, device=q.device, dtype=q.dtype if len(groups) == 1 else torch.float32)
+        lse = torch.empty(B, heads, M, device=q.device, dtype=torch.float32)
+        ptrs = [t for i in g for t in (keys[i], values[i])]
+        ptrs += ptrs[:2] * (MAX_SLOTS - len(g))  # unused slots: never read
+        _window_attention_fwd_kernel[launch_grid(plan.fwd, B, heads)](
+            q, out, lse, runs[g[0]:], *ptrs, scale * 1.4426950408889634,
+            **_shape_consts(win, g, plan, d, heads, "fwd"), **_operand_consts(q),
+            num_warps=plan.fwd.warps, num_stages=plan.num_stages, **_regs(q, plan))
+        outs.append(out)
+        lses.append(lse)
+    if len(groups) == 1:
+        return outs[0], lses[0]
+    # several launches: out = sum_g exp(lse_g - lse) out_g, lse = logsumexp_g lse_g
+    lse = torch.logsumexp(torch.stack(lses), 0)
+    out = sum(o.view(B, M, heads, d) * torch.exp(l - lse).transpose(1, 2)[..., None] for o, l in zip(outs, lses))
+    return out.reshape(B, M, HD).to(q.dtype), lse
+
+
+def window_attention_backward(grad: Tensor, q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor],
+                              out: Tensor, lse: Tensor, win: WindowTable, heads: int,
+                              scale: float) -> List[Tensor]:
+    """Triton backward: ``[dq] + [dk_i...] + [dv_i...]`` in the inputs' dtypes."""
+    B, M, HD = q.shape
+    d = HD // heads
+    plan = window_plan(win.size, win.grids, d, q.dtype)
+    q, grad, out, lse = q.contiguous(), grad.contiguous(), out.contiguous(), lse.contiguous()
+    keys, values = [k.contiguous() for k in keys], [v.contiguous() for v in values]
+    dks = [torch.empty_like(k) for k in keys]
+    dvs = [torch.empty_like(v) for v in values]
+    seam = torch.empty(2, B, plan.seam_tokens, HD, device=q.device, dtype=keys[0].dtype)
+    runs = win.runs_table(q.device)
+    groups = _slot_groups(len(keys))
+    dqs = []
+    for g in groups:
+        dq = torch.empty(B, M, HD, device=q.device, dtype=q.dtype if len(groups) == 1 else torch.float32)
+        ptrs = [t for i in g for t in (keys[i], values[i], dks[i], dvs[i])]
+        ptrs += ptrs[:4] * (MAX_SLOTS - len(g))
+        _window_attention_bwd_kernel[launch_grid(plan.bwd, B, heads)](
+            q, out, grad, lse, dq, runs[g[0]:], seam if seam.numel() else q, B * plan.seam_tokens * HD,
+            *ptrs, scale * 1.4426950408889634, scale, **_shape_consts(win, g, plan, d, heads, "bwd"),
+            **_operand_consts(q), num_warps=plan.bwd.warps, num_stages=plan.num_stages, **_regs(q, plan))
+        dqs.append(dq)
+    _add_seams(dks, dvs, seam, plan, win)
+    dq = dqs[0] if len(dqs) == 1 else sum(dqs).to(q.dtype)
+    return [dq] + dks + dvs
+
+
+def _add_seams(dks: List[Tensor], dvs: List[Tensor], seam: Tensor, plan: WindowPlan, win: WindowTable) -> None:
+    """Add each band's partial for the key rows it shares with the previous band. Every row is
+    shared by at most two bands (:func:`_bands_ok`), so ``dst`` has no repeats: a plain indexed
+    write, deterministic (no ``index_add_``, which uses atomics on CUDA)."""
+    for i in range(len(dks)):
+        if plan.seam_rows[i] == 0:
+            continue
+        dst, src = _seam_index(win, plan, i, str(dks[i].device))
+        dks[i][:, dst] = dks[i][:, dst] + seam[0][:, src]
+        dvs[i][:, dst] = dvs[i][:, dst] + seam[1][:, src]
+
+
+@functools.lru_cache(maxsize=256)
+def _seam_index(win: WindowTable, plan: WindowPlan, i: int, device: str) -> Tuple[Tensor, Tensor]:
+    """Token indices ``(dst in dk_i, src in the seam buffer)`` of grid ``i``'s shared rows."""
+    w = win.grids[i][1]
+    need = _band_rows(win, i, plan.bwd.BY)
+    dst, src = [], []
+    for p in range(1, plan.bwd.n_bands):
+        rs, shared_end = need[p][0], min(need[p - 1][1], need[p][1])
+        for r in range(rs, shared_end):
+            for c in range(w):
+                dst.append(r * w + c)
+                src.append(plan.seam_offsets[i] + ((p - 1) * plan.seam_rows[i] + r - rs) * w + c)
+    return (torch.tensor(dst, dtype=torch.int64, device=device), torch.tensor(src, dtype=torch.int64, device=device))
+
+
+# --------------------------------------------------------------------------------------
+# Custom ops (one opaque op for torch.compile / torch.export, both backends) and autograd
+# --------------------------------------------------------------------------------------
+
+def _win(grids: Sequence[int], Gh: int, Gw: int) -> WindowTable:
+    return area_windows([(grids[i], grids[i + 1]) for i in range(0, len(grids), 2)], (Gh, Gw))
+
+
+@torch.library.custom_op("fusion::window_attention", mutates_args=())
+def _window_attention_op(q: Tensor, keys: List[Tensor], values: List[Tensor], grids: List[int], Gh: int, Gw: int,
+                         heads: int, scale: float, use_triton: bool) -> Tuple[Tensor, Tensor]:
+    run = window_attention_forward if use_triton else window_attention_reference
+    return run(q, keys, values, _win(grids, Gh, Gw), heads, scale)
+
+
+@_window_attention_op.register_fake
+def _(q, keys, values, grids, Gh, Gw, heads, scale, use_triton):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], heads, q.shape[1]), dtype=lse_dtype)
+
+
+@torch.library.custom_op("fusion::window_attention_backward", mutates_args=())
+def _window_attention_bwd_op(grad: Tensor, q: Tensor, keys: List[Tensor], values: List[Tensor], out: Tensor,
+                             lse: Tensor, grids: List[int], Gh: int, Gw: int, heads: int, scale: float,
+                             use_triton: bool) -> List[Tensor]:
+    run = window_attention_backward if use_triton else window_attention_reference_backward
+    return run(grad, q, keys, values, out, lse, _win(grids, Gh, Gw), heads, scale)
+
+
+@_window_attention_bwd_op.register_fake
+def _(grad, q, keys, values, out, lse, grids, Gh, Gw, heads, scale, use_triton):
+    return [q.new_empty(q.shape)] + [k.new_empty(k.shape) for k in keys] + [v.new_empty(v.shape) for v in values]
+
+
+def _setup_context(ctx, inputs, output):
+    q, keys, values, grids, Gh, Gw, heads, scale, use_triton = inputs
+    out, lse = output
+    ctx.n = len(keys)
+    ctx.args = (list(grids), Gh, Gw, heads, scale, use_triton)
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, out, lse, *keys, *values)
+
+
+def _backward(ctx, grad, _grad_lse):
+    q, out, lse, *kv = ctx.saved_tensors
+    keys, values = kv[:ctx.n], kv[ctx.n:]
+    res = _window_attention_bwd_op(grad, q, keys, values, out, lse, *ctx.args)
+    return res[0], list(res[1:1 + ctx.n]), list(res[1 + ctx.n:]), None, None, None, None, None, None
+
+
+_window_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+def _check_inputs(q, keys, values, win: WindowTable, heads) -> None:
+    V.check_float_tensor("q", q, 3, "[B, Gh*Gw, heads*d]")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
+        raise ValueError(f"heads={heads!r} must be a positive int")
+    B, M, HD = q.shape
+    if M != win.num_queries:
+        raise ValueError(f"q has {M} query tokens but windows.size={win.size} needs {win.num_queries}; "
+                         f"q must be [B, Gh*Gw, heads*d]")
+    if HD % heads or HD // heads > MAX_HEAD_DIM:
+        raise ValueError(f"q has {HD} channels, which heads={heads} must divide into heads of at most "
+                         f"{MAX_HEAD_DIM} channels")
+    for name, ts in (("keys", keys), ("values", values)):
+        if isinstance(ts, Tensor) or not isinstance(ts, (list, tuple)):
+            raise TypeError(f"{name} must be a list of [B, h*w, heads*d] tensors, got {type(ts).__name__}")
+        if len(ts) != len(win.grids):
+            raise ValueError(f"{name} has {len(ts)} tensors but windows covers {len(win.grids)} grids "
+                             f"{list(win.grids)}; pass one per grid")
+        for i, t in enumerate(ts):
+            V.check_float_tensor(f"{name}[{i}]", t, 3, "[B, h*w, heads*d]")
+            want = (B, win.tokens(i), HD)
+            if tuple(t.shape) != want:
+                raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}; grid {win.grids[i]} with q "
+                                 f"{tuple(q.shape)} needs {want}")
+            if t.dtype != q.dtype or t.device != q.device:
+                raise ValueError(f"{name}[{i}] is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}; "
+                                 f"pass every tensor in one dtype on one device")
+
+
+def _beyond_kernel_limits(win: WindowTable, channels: int) -> str:
+    """Why the kernels cannot take this shape ('' when they can): they index tokens of one
+    batch item with int32 and pack window starts and sizes into 16 bits each."""
+    sides = [s for g in win.grids for s in g] + list(win.size)
+    if max(sides) >= 1 << 15:
+        return f"grid sides up to {max(sides)}, but the kernels take sides below {1 << 15}"
+    biggest = max([win.num_queries] + [win.tokens(i) for i in range(len(win.grids))]) * channels
+    if biggest >= 1 << 31:
+        return f"{biggest} elements in one batch item of one tensor, but the kernels index below 2**31"
+    return ""
+
+
+def window_attention(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor], windows: WindowTable,
+                     heads: int, scale: Optional[float] = None, backend: str = "auto") -> Tensor:
+    """Windowed cross-attention of a query grid over several encoder grids, one joint softmax.
+
+    Args:
+        q: ``[B, Gh*Gw, heads*d]`` queries, one per cell of ``windows.size`` (row-major).
+        keys, values: one ``[B, h_i*w_i, heads*d]`` tensor per grid of ``windows.grids``.
+        windows: ``fusion.kernels.area_windows(grids, size)``: each query cell sees, in each
+            grid, its area window (adaptive average pooling's input run).
+        heads: attention heads (``d = channels / heads``).
+        scale: score scale, default ``1 / sqrt(d)``.
+        backend: ``"auto"`` (Triton for CUDA tensors, else PyTorch), ``"triton"``, ``"torch"``.
+
+    Returns:
+        ``[B, Gh*Gw, heads*d]`` in ``q``'s dtype; differentiable w.r.t. q, keys and values.
+    """
+    win = check_windows(windows)
+    _check_inputs(q, keys, values, win, heads)
+    d = q.shape[-1] // heads
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale={scale!r} must be a positive float (or None for 1/sqrt(d))")
+    dev, dtype = q.device, q.dtype
+    ok = triton_runs_on(_window_attention_fwd_kernel, dev) and dtype != torch.float64
+    be = V.resolve_backend(backend, dev, HAVE_TRITON)
+    if be == "triton" and not ok and backend == "triton":
+        raise ValueError(V.triton_unavailable(dev, dtype))
+    too_big = _beyond_kernel_limits(win, q.shape[-1])
+    if be == "triton" and too_big and backend == "triton":
+        raise ValueError(f"backend='triton': {too_big}; use backend='torch' or 'auto'")
+    ok = ok and not too_big
+    grids = [v for g in win.grids for v in g]
+    out, _ = _window_attention_op(q, list(keys), list(values), grids, win.size[0], win.size[1], heads,
+                                  float(scale), be == "triton" and ok)
+    return out
