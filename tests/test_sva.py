@@ -245,7 +245,8 @@ def test_cli_extract_with_sva(tower, tmp_path):
     assert manifest["tokens"] == [16, 64]
     feats = load_file(str(out / next(iter(manifest["shards"]))))
     with Image.open(EXAMPLES / "house.jpg") as im, torch.no_grad():
-        want = tower(tower.image_processor(im.convert("RGB"))["pixel_values"])[0]
+        inputs = tower.image_processor(im.convert("RGB"))  # extract passes the letterbox's image_sizes
+        want = tower(inputs["pixel_values"], image_sizes=inputs["image_sizes"])[0]
     torch.testing.assert_close(feats["house.jpg"], want, rtol=1e-5, atol=1e-5)
 
 
