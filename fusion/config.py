@@ -22,6 +22,7 @@ import yaml
 from .config_files import read_config_file
 from .config_values import (arch_mapping, boolean, choice, int_list, integer, layer, nonempty_str, optional_str,
                             pad_color, positive_float)
+from .encoder_types import check_encoder_type
 
 PRESET_DIR = Path(__file__).with_name("configs")
 
@@ -356,8 +357,6 @@ def _parse_encoder(name: str, raw: Any) -> EncoderConfig:
     for required in ("type", "model"):
         if required not in raw:
             raise ValueError(f"{prefix}.{required}: missing (every encoder needs 'type' and 'model')")
-    from .encoders.registry import check_encoder_type
-
     check_encoder_type(nonempty_str(raw["type"], f"{prefix}.type"), key=f"{prefix}.type")
     return _parse_section(EncoderConfig, {"name": name, **raw}, prefix, _ENCODER_CHECKS, hidden=("name",))
 
