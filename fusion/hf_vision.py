@@ -181,7 +181,7 @@ class FusionVisionModel(PreTrainedModel):
 
         with torch.device("cpu"), no_init_weights():
             tower = MultiEncoderTower(tower_config, weights="random", seed=config.seed)
-        tower.weights = config.weights  # what the loaded weights are (tower.save_pretrained records it)
+        tower.set_weights_mode(config.weights)  # what the loaded weights are (tower.save_pretrained records it)
         return tower
 
     def get_correct_attn_implementation(self, requested_attention: Optional[str], is_init_check: bool = False) -> str:
@@ -205,7 +205,7 @@ class FusionVisionModel(PreTrainedModel):
         and frozen encoders, whose parameters the loader re-creates with
         ``requires_grad=True``, are frozen again."""
         if isinstance(module, EncoderInputs):
-            module._set_stats(module.mean_0.device)
+            module.refresh_stats()
         elif isinstance(module, MultiEncoderTower):
             if self._fill_unloaded:
                 fill_unloaded(module, self.config.weights, self.config.seed)

@@ -354,6 +354,11 @@ class EncoderInputs(nn.Module):
             for (size, resize, interp), norms in plan.items())
         self._set_stats(torch.device("cpu"))
 
+    def refresh_stats(self) -> None:
+        """Recreate the mean/std buffers, exact, on the device they are on: for loaders that
+        replace non-persistent buffers with uninitialised memory (transformers' ``from_pretrained``)."""
+        self._set_stats(self.mean_0.device)
+
     def _set_stats(self, device: torch.device) -> None:
         """(Re)create the mean/std buffers ``[K, 1, 3, 1, 1]`` (broadcast against
         ``[1, B, 3, h, w]``) as exact float32 values on ``device``."""
