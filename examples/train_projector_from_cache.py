@@ -45,7 +45,8 @@ def teacher_loss(tower, seed: int = 1234) -> Callable:
 
     def loss_fn(tokens: torch.Tensor, grids) -> torch.Tensor:
         with torch.no_grad():
-            target = teacher["projector"](teacher["merge"].sequence(grids).tokens)
+            fused = teacher["merge"](grids)  # [B, N0, C]; then the tower's granularity steps
+            target = teacher["projector"](tower.sequence(fused, grids).tokens)
         return torch.nn.functional.mse_loss(tokens, target)
 
     return loss_fn

@@ -119,7 +119,7 @@ def build_connectors(source: str, seed: int = 0):
         mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
     def concat_forward(grids):
-        return mlp(fixed.merge.sequence(fixed._check_grids(grids)).tokens)
+        return mlp(fixed.fuse(grids).tokens)
 
     return {"sva": (sva_tower, sva_tower.merge_and_project, sva_params),
             "concat": (nn.ModuleDict({"merge": fixed.merge, "mlp": mlp}), concat_forward,

@@ -22,7 +22,7 @@ _EXPORTS = {
     "TowerGeometry": "geometry",
     "boxes_to_text": "boxes",
     "build_tower": "tower",
-    "list_encoders": "encoders.registry",
+    "list_encoders": "encoder_types",
     "list_presets": "config",
     "load_config": "config",
     "load_prism_checkpoint": "prismatic",

@@ -185,7 +185,7 @@ def cmd_extract(args) -> int:
                 "seed": args.seed, "tokens": [tower.num_patches, tower.hidden_size], "weight_sources": sources,
                 "dtype": args.dtype, "store_dtype": args.store_dtype}
         if args.cache_encoders:
-            info["encoders"] = {s.name: [s.grid[0], s.grid[1], s.dim] for s in tower.merge.specs}
+            info["encoders"] = {name: list(shape) for name, shape in tower.encoder_grid_shapes().items()}
         manifest = write_manifest(args.out, info)
     finally:
         if created:

@@ -22,6 +22,7 @@ import yaml
 from .config_files import read_config_file
 from .config_values import (arch_mapping, boolean, choice, int_list, integer, layer, nonempty_str, optional_str,
                             pad_color, positive_float)
+from .encoder_types import check_encoder_type
 
 PRESET_DIR = Path(__file__).with_name("configs")
 
@@ -133,11 +134,17 @@ class ProcessorConfig:
     with its own mean colour ``int(mean * 255)``, as Prismatic does), an encoder name
     (that encoder's mean colour for every encoder) or ``[R, G, B]`` (0-255, for every
     encoder). See :mod:`fusion.letterbox`.
+
+    ``mean_from``: the encoder whose ``mean`` / ``std`` the image processor reports
+    (``image_mean``, ``image_std``: what LLaVA reads for its own padding) and whose colour
+    pads ``pixel_values`` under ``pad_color: per_encoder``; null: the encoder ``pad_color``
+    names, else the first encoder.
     """
 
     size: Optional[int] = None
     mode: str = "pad"
     pad_color: Union[str, List[int]] = "per_encoder"
+    mean_from: Optional[str] = None
 
 
 @dataclass
@@ -339,7 +346,13 @@ def _check_reduce(fusion: FusionConfig, encoder_names: List[str]) -> None:
 
 
 def _check_pad_color(processor: ProcessorConfig, encoder_names: List[str]) -> None:
-    """``processor.pad_color``: a name must be ``per_encoder`` or one of the encoders."""
+    """``processor.pad_color``: a name must be ``per_encoder`` or one of the encoders; so must
+    ``processor.mean_from`` be one of them."""
+    if processor.mean_from is not None and processor.mean_from not in encoder_names:
+        close = difflib.get_close_matches(processor.mean_from, encoder_names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"processor.mean_from: got {processor.mean_from!r}{hint}; accepted values are the encoder "
+                         f"names {encoder_names}, or null (the encoder pad_color names, else the first)")
     value = processor.pad_color
     choices = ["per_encoder", *encoder_names]
     if isinstance(value, str) and value not in choices:
@@ -356,8 +369,6 @@ def _parse_encoder(name: str, raw: Any) -> EncoderConfig:
     for required in ("type", "model"):
         if required not in raw:
             raise ValueError(f"{prefix}.{required}: missing (every encoder needs 'type' and 'model')")
-    from .encoders.registry import check_encoder_type
-
     check_encoder_type(nonempty_str(raw["type"], f"{prefix}.type"), key=f"{prefix}.type")
     return _parse_section(EncoderConfig, {"name": name, **raw}, prefix, _ENCODER_CHECKS, hidden=("name",))
 
@@ -442,4 +453,5 @@ _PROCESSOR_CHECKS = {
     "size": integer(minimum=1, optional=True),
     "mode": choice(PROCESSOR_MODES),
     "pad_color": pad_color,
+    "mean_from": optional_str,
 }

@@ -105,7 +105,7 @@ def extract_features(tower, images: Sequence[ImageItem], out_dir, batch_size: in
     item_bytes = 2 if store_dtype in (torch.float16, torch.bfloat16) else 4
     bytes_per_image = item_bytes * int(getattr(tower, "num_patches", 0)) * int(getattr(tower, "hidden_size", 0))
     if cache_encoders:
-        bytes_per_image += sum(4 * s.grid[0] * s.grid[1] * s.dim for s in tower.merge.specs)
+        bytes_per_image += sum(4 * h * w * c for h, w, c in tower.encoder_grid_shapes().values())
     check_free_space(out, sum(len(shards[i]) for i in todo) * bytes_per_image)
     result = ExtractResult()
     bar = tqdm(total=sum(len(shards[i]) for i in mine), unit="img", disable=not progress)

@@ -93,7 +93,7 @@ class FeatureCache(torch.utils.data.Dataset):
 
     def check(self, tower) -> None:
         """``ValueError`` unless ``tower``'s encoders (names, order, grids, widths) are the cached ones."""
-        expected = {s.name: (s.grid[0], s.grid[1], s.dim) for s in tower.merge.specs}
+        expected = tower.encoder_grid_shapes()
         if list(expected.items()) != list(self.encoders.items()):
             raise ValueError(f"tower: its encoder grids {expected} differ from the cache's {self.encoders} "
                              f"({str(self.directory)!r}); build the tower from the config the cache was "

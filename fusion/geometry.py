@@ -121,15 +121,14 @@ def geometry_of(tower, tags_loaded: Optional[bool] = None) -> TowerGeometry:
 
     ``tags_loaded`` overrides whether an upstream tag's weights count as loaded in the
     ``upstream`` labels (a meta build loads none, but describes a tower that would)."""
-    from .multiscale import scales_of
-
     encoders = []
     for name, enc in tower.encoders.items():
         encoders.append(EncoderGeometry(
             name=name, type=enc.cfg.type, upstream=_upstream(enc, tags_loaded), image_size=int(enc.image_size),
-            patch_size=int(enc.patch_size), grid=(int(enc.grid[0]), int(enc.grid[1])), dim=int(enc.dim),
+            patch_size=int(enc.patch_size), grid=(int(enc.grid[0]), int(enc.grid[1])),
+            dim=int(enc.dim) // len(enc.scales),
             params=int(enc.num_parameters()), layer=enc.layer, frozen=bool(enc.frozen),
-            depth=getattr(enc, "depth", None), scales=tuple(scales_of(enc)),
+            depth=getattr(enc, "depth", None), scales=tuple(enc.scales),
             mean=tuple(float(v) for v in enc.mean), std=tuple(float(v) for v in enc.std)))
     proc = tower.image_processor
     return TowerGeometry(encoders=tuple(encoders), grid=int(tower.num_patches_per_side),

@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from .anyres import check_token_grid, default_pinpoints, parse_pinpoints
-from .hf import FusionImageProcessor, FusionVisionConfig
+from .hf_vision import FusionImageProcessor, FusionVisionConfig
 
 
 def llava_config(vision_config: FusionVisionConfig, text_config, image_token_id: int, **kwargs):

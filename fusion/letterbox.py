@@ -63,11 +63,12 @@ class PadColors:
 
 
 def choose_pad_colors(choice: Union[str, Sequence[int]], encoders: Mapping[str, Any],
-                      extra_inputs: Optional[Mapping[str, str]] = None) -> PadColors:
+                      extra_inputs: Optional[Mapping[str, str]] = None, chosen: Optional[str] = None) -> PadColors:
     """Resolve ``processor.pad_color`` for ``encoders`` (name -> object with ``mean``).
 
     ``extra_inputs`` maps further input names (multi-scale inputs, ``dino@2x``) to the
-    encoder whose colour they take.
+    encoder whose colour they take. ``chosen`` (``processor.mean_from``): the encoder the
+    image processor reports (the ``source``); ``None``: the encoder ``choice`` names, else the first.
     """
     names = list(encoders)
     if not names:
@@ -83,6 +84,10 @@ def choose_pad_colors(choice: Union[str, Sequence[int]], encoders: Mapping[str, 
     else:
         fixed = tuple(int(v) for v in choice)
         colors, source = {name: fixed for name in names}, names[0]
+    if chosen is not None:
+        if chosen not in own:
+            raise ValueError(f"processor.mean_from: got {chosen!r}; accepted values are {names}")
+        source = chosen
     inputs = dict(colors)
     for name, base in (extra_inputs or {}).items():
         inputs[name] = colors[base]

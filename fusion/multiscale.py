@@ -8,30 +8,18 @@ scale's tile grids are stitched back into one ``s·h × s·w`` grid (:func:`stit
 and area-pooled to the encoder's base grid ``h × w`` (:func:`fusion.kernels.pyramid_pool`);
 the scales are concatenated on channels in the order listed. The token count is
 unchanged and the encoder's width becomes ``dim × len(scales)``. ``scales: [1]`` (the
-default) is the plain encoder, computed by exactly the same code path as before.
+default) is the plain encoder; other scales wrap it in :class:`MultiScaleEncoder`
+(:func:`fusion.tower.build_encoder` does that).
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Iterable, List, Sequence
+import warnings
+from typing import Sequence, Tuple
 
 import torch
 
+from .encoders.base import Encoder, InputSpec
 from .kernels import pyramid_pool
-
-
-def scales_of(enc) -> List[int]:
-    """The encoder's ``scales`` (``[1]`` when its config has none)."""
-    return list(getattr(enc.cfg, "scales", None) or [1])
-
-
-def is_multiscale(enc) -> bool:
-    return scales_of(enc) != [1]
-
-
-def scaled_dim(enc) -> int:
-    """Channels of the encoder's (multi-scale) grid: ``dim × len(scales)``."""
-    return enc.dim * len(scales_of(enc))
 
 
 def scaled_name(name: str, scale: int) -> str:
@@ -39,16 +27,76 @@ def scaled_name(name: str, scale: int) -> str:
     return name if scale == 1 else f"{name}@{scale}x"
 
 
-def scaled_input_specs(encoders: Iterable) -> List[SimpleNamespace]:
-    """Input requests for the scales above 1: ``image_size = s × S``, the encoder's normalisation."""
-    specs = []
-    for enc in encoders:
-        for s in scales_of(enc):
-            if s != 1:
-                specs.append(SimpleNamespace(name=scaled_name(enc.name, s), image_size=s * enc.image_size,
-                                             mean=enc.mean, std=enc.std, resize=enc.resize,
-                                             interpolation=enc.interpolation))
-    return specs
+class MultiScaleEncoder(Encoder):
+    """``inner`` run at each of ``scales`` (see the module docstring): ``[B, h, w, dim × len(scales)]``.
+
+    It asks for one input per scale (:meth:`input_specs`: ``name`` at ``S``, ``name@2x`` at
+    ``2S``, ... each resized from ``pixel_values`` and normalised like ``inner``'s own) and
+    ``forward(*pixels)`` takes them in that order. ``image_size``, ``patch_size``, ``grid``,
+    ``mean``, ``std``, ``resize`` and ``interpolation`` are ``inner``'s; ``dim`` is the width of
+    the output, ``inner.dim × len(scales)``. ``backend`` is ``fusion.kernels`` for the pooling.
+
+    It holds ``inner``'s submodules, parameters and buffers under their own names (the very
+    same objects, not under ``inner.``), so its ``state_dict`` keys are the plain encoder's:
+    checkpoints, frozen-encoder rules and FSDP units do not change with ``scales``.
+    """
+
+    def __init__(self, inner: Encoder, scales: Sequence[int], backend: str = "auto"):
+        super().__init__(inner.cfg)
+        for store in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+            object.__setattr__(self, store, getattr(inner, store))  # shared, not copied
+        object.__setattr__(self, "inner", inner)  # not a submodule: its submodules are ours
+        self.scales = tuple(int(s) for s in scales)
+        self.backend = backend
+        self.encoder_type = inner.encoder_type
+        self.image_size, self.patch_size, self.grid = inner.image_size, inner.patch_size, tuple(inner.grid)
+        self.dim = inner.dim * len(self.scales)
+        self.mean, self.std = tuple(inner.mean), tuple(inner.std)
+        self.resize, self.interpolation = inner.resize, inner.interpolation
+        self._inputs = tuple(InputSpec(scaled_name(self.name, s), s * self.image_size, self.mean, self.std,
+                                       self.resize, self.interpolation) for s in self.scales)
+
+    @property
+    def loaded_weights(self):
+        return self.inner.loaded_weights
+
+    @loaded_weights.setter
+    def loaded_weights(self, value) -> None:
+        self.inner.loaded_weights = value
+
+    @property
+    def depth(self):
+        """Blocks of the wrapped encoder's unpruned model (``None`` if it does not say)."""
+        return getattr(self.inner, "depth", None)
+
+    def upstream_name(self) -> str:
+        return self.inner.upstream_name()
+
+    def input_specs(self) -> Tuple[InputSpec, ...]:
+        return self._inputs
+
+    def train(self, mode: bool = True) -> "MultiScaleEncoder":
+        super().train(mode)
+        self.inner.training = mode
+        return self
+
+    def forward(self, *pixels: torch.Tensor) -> torch.Tensor:
+        """One normalised input per scale, ``[B, 3, s·S, s·S]`` in :attr:`scales` order -> ``[B, h, w, dim]``."""
+        if len(pixels) != len(self.scales):
+            raise TypeError(f"{type(self).__name__}({self.name!r}): expected {len(self.scales)} inputs (one per scale "
+                            f"{list(self.scales)}, see input_specs()), got {len(pixels)}")
+        return encode_scales(self.inner, pixels, self.scales, backend=self.backend)
+
+
+def is_multiscale(enc) -> bool:
+    """Whether ``enc`` runs at several scales (a :class:`MultiScaleEncoder`)."""
+    return isinstance(enc, MultiScaleEncoder)
+
+
+def scales_of(enc) -> list:
+    """Deprecated: read ``enc.scales`` (every :class:`~fusion.encoders.base.Encoder` has it)."""
+    warnings.warn("fusion.multiscale.scales_of(enc) is deprecated; read enc.scales", DeprecationWarning, stacklevel=2)
+    return list(enc.scales)
 
 
 def split_tiles(x: torch.Tensor, s: int) -> torch.Tensor:

@@ -30,6 +30,8 @@ from torch import nn
 from .config import PROCESSOR_MODES
 from .image_io import ALPHA_MODES, load_images
 from .letterbox import mean_color
+from .resize import longest_side_shape, resize_axis, resize_images  # noqa: F401 (resize_images: re-exported)
+from .roi import crop_rois
 
 # OpenAI CLIP's normalisation: LLaVA pads with this mean colour and reads both from
 # its image processor.
@@ -42,37 +44,6 @@ RETURN_TENSORS = ("pt", None)
 # ImageProcessor builds to keep PIL's width-then-height order for tall images: the row
 # block size of portrait padding, and the limit of width-first resizing in crop mode.
 _BLOCK = 1 << 22
-
-
-# ----------------------------------------------------------------------------- resizing
-
-
-def resize_images(x: torch.Tensor, size: Tuple[int, int], interpolation: str = "bicubic") -> torch.Tensor:
-    """Resize ``x [B, C, H, W]`` (float, in [0, 1]) to ``[B, C, h, w]`` with ``size = (h, w)``.
-
-    Antialiased like PIL and torchvision (``antialias=True`` also selects PIL's
-    ``a = -0.5`` cubic when upsampling), width pass first, bicubic clamped to [0, 1]
-    after each pass. An axis already at its target size is left untouched, so a
-    same-size call returns ``x`` itself.
-    """
-    x = _resize_axis(x, -1, size[1], interpolation)
-    return _resize_axis(x, -2, size[0], interpolation)
-
-
-def _resize_axis(x: torch.Tensor, dim: int, length: int, interpolation: str) -> torch.Tensor:
-    """Resample one spatial axis (``dim`` -1: width, -2: height) of ``[B, C, H, W]`` to ``length``."""
-    if x.shape[dim] == length:
-        return x
-    h, w = x.shape[-2:]
-    size = (h, length) if dim == -1 else (length, w)
-    out = F.interpolate(x, size=size, mode=interpolation, align_corners=False, antialias=True)
-    return out.clamp(0, 1) if interpolation == "bicubic" else out
-
-
-def longest_side_shape(h: int, w: int, length: int) -> Tuple[int, int]:
-    """``(h', w')`` with the longest side scaled to ``length``, rounded half up (SAM's rule)."""
-    scale = length / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -200,10 +171,9 @@ class ImageProcessor:
         out = BatchFeature(pixel_values=pixel_values,
                            image_sizes=torch.tensor(sizes, dtype=torch.int64, device=device).reshape(-1, 2))
         if rois is not None:
-            from .roi import crop_rois
-
             originals = [img for batch in loaded for img in batch]  # each [3, H, W], before any resize
-            out.update(crop_rois(originals, rois, self))
+            frames = [self.frame_in_image(*img.shape[-2:]) for img in originals]
+            out.update(crop_rois(originals, rois, frames, self.image_size, self.pad_color))
         return out
 
     def frame_in_image(self, h: int, w: int) -> Tuple[float, float, float, float]:
@@ -248,15 +218,15 @@ class ImageProcessor:
         if w > h:  # landscape: the long axis is the width
             nw = int(s * w / h)
             left = int(round((nw - s) / 2.0))
-            x = _resize_axis(x, -1, nw, "bicubic")[..., left:left + s]
-            return _resize_axis(x, -2, s, "bicubic")
+            x = resize_axis(x, -1, nw, "bicubic")[..., left:left + s]
+            return resize_axis(x, -2, s, "bicubic")
         nh = int(s * h / w)
         top = int(round((nh - s) / 2.0))
         if nh * s <= max(_BLOCK, s * h):
-            x = _resize_axis(x, -1, s, "bicubic")
-            return _resize_axis(x, -2, nh, "bicubic")[..., top:top + s, :]
-        x = _resize_axis(x, -2, nh, "bicubic")[..., top:top + s, :]
-        return _resize_axis(x, -1, s, "bicubic")
+            x = resize_axis(x, -1, s, "bicubic")
+            return resize_axis(x, -2, nh, "bicubic")[..., top:top + s, :]
+        x = resize_axis(x, -2, nh, "bicubic")[..., top:top + s, :]
+        return resize_axis(x, -1, s, "bicubic")
 
     def _pad_to_square(self, x: torch.Tensor) -> torch.Tensor:
         """expand2square then resize (width pass first, as PIL), without the full-size square.
@@ -270,19 +240,19 @@ class ImageProcessor:
         s, side = self.image_size, max(h, w)
         fill = torch.tensor(self.pad_color, dtype=torch.float32, device=x.device).div(255).view(1, 3, 1, 1)
         if w > h:  # bands above and below
-            x = _resize_axis(x, -1, s, "bicubic")  # [n, 3, h, s]
+            x = resize_axis(x, -1, s, "bicubic")  # [n, 3, h, s]
             canvas = fill.expand(n, 3, side, s).clone()
             top = (side - h) // 2
             canvas[:, :, top:top + h] = x
-            return _resize_axis(canvas, -2, s, "bicubic")
+            return resize_axis(canvas, -2, s, "bicubic")
         left = (side - w) // 2  # bands left and right
         rows = max(1, _BLOCK // side)
         blocks = []
         for r in range(0, h, rows):
             block = fill.expand(n, 3, min(rows, h - r), side).clone()
             block[..., left:left + w] = x[:, :, r:r + rows]
-            blocks.append(_resize_axis(block, -1, s, "bicubic"))  # rows are independent in a width pass
-        return _resize_axis(torch.cat(blocks, dim=2), -2, s, "bicubic")
+            blocks.append(resize_axis(block, -1, s, "bicubic"))  # rows are independent in a width pass
+        return resize_axis(torch.cat(blocks, dim=2), -2, s, "bicubic")
 
     def to_dict(self) -> Dict[str, Any]:
         return {"size": self.image_size, "mode": self.mode, "image_mean": list(self.image_mean),
@@ -383,6 +353,11 @@ class EncoderInputs(nn.Module):
                        tuple(k[2] for k in norms))
             for (size, resize, interp), norms in plan.items())
         self._set_stats(torch.device("cpu"))
+
+    def refresh_stats(self) -> None:
+        """Recreate the mean/std buffers, exact, on the device they are on: for loaders that
+        replace non-persistent buffers with uninitialised memory (transformers' ``from_pretrained``)."""
+        self._set_stats(self.mean_0.device)
 
     def _set_stats(self, device: torch.device) -> None:
         """(Re)create the mean/std buffers ``[K, 1, 3, 1, 1]`` (broadcast against

@@ -39,7 +39,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from .boxes import Box, as_box
-from .preprocess import resize_images
+from .resize import resize_images
 
 ROIS_ACCEPTED = ("a tensor [B, 4] or [B, k, 4], or a list with one entry per image: None / [] (no ROI), "
                  "a box (4 numbers, a tensor [4] or text '[x0, y0, x1, y1]') or a list / tensor [k, 4] of boxes")
@@ -119,17 +119,19 @@ def crop_box(image: torch.Tensor, box: Box, frame: Tuple[float, float, float, fl
     return out, cut
 
 
-def crop_rois(originals: Sequence[torch.Tensor], rois: Any, processor) -> dict:
+def crop_rois(originals: Sequence[torch.Tensor], rois: Any, frames: Sequence[Tuple[float, float, float, float]],
+              size: int, pad_color: Sequence[int]) -> dict:
     """The ROI half of ``ImageProcessor.preprocess``: ``originals`` are the ``[3, H, W]`` images
-    (before any resize) in batch order. Returns ``roi_pixel_values``, ``roi_image_index``,
-    ``roi_boxes`` (see the module docstring)."""
+    (before any resize) in batch order, ``frames`` where the processor's frame lies in each
+    (``ImageProcessor.frame_in_image``), ``size`` the crops' side, ``pad_color`` the 8-bit
+    colour of the padding. Returns ``roi_pixel_values``, ``roi_image_index``, ``roi_boxes``
+    (see the module docstring)."""
     per_image = boxes_per_image(rois, len(originals))
-    s = processor.image_size
-    fill = [c / 255.0 for c in processor.pad_color]
+    s = size
+    fill = [c / 255.0 for c in pad_color]
     device = originals[0].device
     crops, index, cut = [], [], []
-    for i, (img, boxes) in enumerate(zip(originals, per_image)):
-        frame = processor.frame_in_image(*img.shape[-2:])
+    for i, (img, boxes, frame) in enumerate(zip(originals, per_image, frames)):
         for k, box in enumerate(boxes):
             pixels, actual = crop_box(img, box, frame, s, fill, key=f"rois[{i}][{k}]")
             crops.append(pixels.to(device))

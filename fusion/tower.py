@@ -3,7 +3,8 @@
 ``tower(pixel_values)`` with ``pixel_values`` ``[B, 3, S, S]`` in [0, 1] (from
 ``tower.image_processor``) returns fused, projected tokens ``[B, N, D]``. Per encoder,
 on the device: resize + normalise -> ``Encoder.forward`` -> ``[B, h, w, C]``; then
-the merge (``fusion.merge``) and the projector (``fusion.projector``).
+the merge (``fusion.merge``), the granularity steps (``fusion.sequence``) and the
+projector (``fusion.projector``).
 
 It also satisfies LLaVA's vision-tower contract (``hidden_size``, ``num_patches``,
 ``num_patches_per_side``, ``dtype``, ``device``, ``dummy_feature``, ``is_loaded``,
@@ -25,11 +26,12 @@ from .config import DTYPES, ConfigSource, EncoderConfig, Overrides, TowerConfig,
 from .encoders.base import Encoder
 from .encoders.registry import get_encoder_class
 from .letterbox import check_image_sizes, choose_pad_colors, pad_weights, roi_pad_weights
-from .merge import FusionMerge, GridSpec, Segment
-from .multiscale import encode_scales, is_multiscale, scaled_dim, scaled_input_specs, scaled_name, scales_of
+from .merge import FusionMerge, GridSpec
+from .multiscale import MultiScaleEncoder
 from .preprocess import EncoderInputs, ImageProcessor
 from .projector import build_projector, projector_out_dim
-from .roi import check_roi_inputs
+from .roi import RoiBatch, check_roi_inputs
+from .sequence import MergedTokens, Segment, TokenSequence
 
 WEIGHT_MODES = ("pretrained", "random")
 NONFINITE_PIXELS = "pixel_values: contains NaN or infinite values"
@@ -90,12 +92,15 @@ def encoder_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def build_encoder(name: str, cfg: EncoderConfig, load_weights: bool, seed: int) -> Encoder:
+def build_encoder(name: str, cfg: EncoderConfig, load_weights: bool, seed: int, kernels: str = "auto") -> Encoder:
     """Encoder ``name`` as :class:`MultiEncoderTower` builds it: its ``pretrained`` weights when
-    ``load_weights``, else the upstream initialisation seeded from ``seed`` and ``name``."""
+    ``load_weights``, else the upstream initialisation seeded from ``seed`` and ``name``; wrapped
+    in a :class:`fusion.multiscale.MultiScaleEncoder` (pooling with ``kernels``) when
+    ``cfg.scales`` is not ``[1]``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(encoder_seed(seed, name))
-        return get_encoder_class(cfg.type, key=f"encoders.{name}.type")(cfg, load_weights)
+        enc = get_encoder_class(cfg.type, key=f"encoders.{name}.type")(cfg, load_weights)
+    return enc if list(cfg.scales) == [1] else MultiScaleEncoder(enc, cfg.scales, backend=kernels)
 
 
 def build_merge_and_projector(encoders: Dict[str, Encoder], config: TowerConfig,
@@ -103,7 +108,7 @@ def build_merge_and_projector(encoders: Dict[str, Encoder], config: TowerConfig,
     """The merge and the projector for ``encoders`` (name -> encoder, in channel order), seeded from ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(encoder_seed(seed, "merge+projector"))
-        specs = [GridSpec(name, tuple(enc.grid), scaled_dim(enc)) for name, enc in encoders.items()]
+        specs = [GridSpec(name, tuple(enc.grid), enc.dim) for name, enc in encoders.items()]
         merge = FusionMerge(specs, config.fusion)
         return merge, build_projector(config.projector, merge.out_dim)
 
@@ -122,13 +127,14 @@ class MultiEncoderTower(nn.Module):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed: expected an int, got {seed!r}")
         self.config = config
-        self.weights = weights
+        self._weights = weights
         self.seed = seed
         load_weights = weights == "pretrained"
-        self.encoders = nn.ModuleDict({name: build_encoder(name, enc_cfg, load_weights, seed)
+        self.encoders = nn.ModuleDict({name: build_encoder(name, enc_cfg, load_weights, seed, config.fusion.kernels)
                                        for name, enc_cfg in config.encoders.items()})
         self._build_preprocessing(config)
         self.merge, self.projector = build_merge_and_projector(self.encoders, config, seed)
+        self.sequence = TokenSequence(config.fusion, list(self.encoders))  # the granularity steps after the merge
         if self.build_dtype is not None:  # the whole tower in that dtype; an encoder's own `dtype` wins
             for enc in self.encoders.values():
                 if enc.cfg.dtype is None:
@@ -140,20 +146,34 @@ class MultiEncoderTower(nn.Module):
     def _build_preprocessing(self, config: TowerConfig) -> None:
         """The host ``image_processor`` and the on-device ``encoder_inputs``, with the letterbox
         colours of ``processor.pad_color`` (:mod:`fusion.letterbox`): ``pixel_values`` are padded
-        with the frame colour (``per_encoder``: the first encoder's mean, which ``image_mean``
-        reports as LLaVA expects); in ``pad`` mode, with ``image_sizes``, each encoder's input is
-        recoloured to its own colour."""
-        scaled = scaled_input_specs(self.encoders.values())  # the s·S inputs of multi-scale encoders
-        bases = {scaled_name(name, s): name for name, enc in self.encoders.items() for s in scales_of(enc)}
-        colors = choose_pad_colors(config.processor.pad_color, self.encoders,
-                                   {spec.name: bases[spec.name] for spec in scaled})
+        with the frame colour (``per_encoder``: the mean colour of ``processor.mean_from``, by
+        default the first encoder, whose mean ``image_mean`` reports as LLaVA expects); in ``pad``
+        mode, with ``image_sizes``, each encoder's input is recoloured to its own colour."""
+        specs = {name: enc.input_specs() for name, enc in self.encoders.items()}  # multi-scale: one per scale
+        self._input_names = {name: tuple(spec.name for spec in own) for name, own in specs.items()}
+        extra = {spec.name: name for name, own in specs.items() for spec in own if spec.name != name}
+        colors = choose_pad_colors(config.processor.pad_color, self.encoders, extra, config.processor.mean_from)
         pad_mode = config.processor.mode == "pad"
-        self.encoder_inputs = EncoderInputs(list(self.encoders.values()) + scaled,
+        self.encoder_inputs = EncoderInputs([spec for own in specs.values() for spec in own],
                                             pad_colors=colors.inputs if pad_mode else None, frame_color=colors.frame)
         size = config.processor.size or max(enc.image_size for enc in self.encoders.values())
         source = self.encoders[colors.source]
         self.image_processor = ImageProcessor(size, mode=config.processor.mode, image_mean=source.mean,
                                               image_std=source.std, pad_color=colors.frame)
+
+    @property
+    def weights(self) -> str:
+        """``"pretrained"`` or ``"random"``: what the weights are (``save_pretrained`` and
+        :meth:`weights_report` say it)."""
+        return self._weights
+
+    def set_weights_mode(self, weights: str) -> None:
+        """Record that the weights are now those of ``weights`` mode, after something else loaded
+        them into a tower built another way (``fusion.hf`` builds with ``"random"`` without
+        initialising, then transformers loads the checkpoint)."""
+        if weights not in WEIGHT_MODES:
+            raise ValueError(f"weights: got {weights!r}; accepted values are {list(WEIGHT_MODES)}")
+        self._weights = weights
 
     # ------------------------------------------------------------------ LLaVA contract
 
@@ -169,8 +189,8 @@ class MultiEncoderTower(nn.Module):
     @property
     def num_patches(self) -> int:
         """Number of output tokens ``N`` per image: the fused grid (or ``fusion.reduce.keep``)
-        plus ``fusion.levels``; each ROI crop passed to ``forward`` adds ``merge.grid_tokens``."""
-        return self.merge.num_tokens
+        plus ``fusion.levels``; each ROI crop passed to ``forward`` adds ``sequence.grid_tokens``."""
+        return self.sequence.num_tokens
 
     @property
     def num_patches_per_side(self) -> int:
@@ -208,8 +228,8 @@ class MultiEncoderTower(nn.Module):
 
     def encode(self, pixel_values: torch.Tensor, image_sizes: Optional[torch.Tensor] = None,
                ) -> Dict[str, torch.Tensor]:
-        """Each encoder's grid: name -> ``[B, h, w, C]`` (``C × len(scales)`` for a multi-scale
-        encoder, see :mod:`fusion.multiscale`). Frozen encoders run without autograd.
+        """Each encoder's grid: name -> ``[B, h, w, C]`` (``C`` is ``enc.dim``: ``× len(scales)`` for
+        a multi-scale encoder, see :mod:`fusion.multiscale`). Frozen encoders run without autograd.
         ``image_sizes [B, 2]`` (from the image processor): see :meth:`forward`."""
         pixel_values = self._check_pixels(pixel_values)
         return self._encode(pixel_values, self._pad_weight(image_sizes, pixel_values))
@@ -238,20 +258,35 @@ class MultiEncoderTower(nn.Module):
         for name, enc in self.encoders.items():
             dtype = self._encoder_dtype(enc)
             with torch.no_grad() if enc.frozen else contextlib.nullcontext():
-                if is_multiscale(enc):
-                    scales = scales_of(enc)
-                    grids[name] = encode_scales(enc, [inputs[scaled_name(name, s)].to(dtype) for s in scales],
-                                                scales, backend=self.config.fusion.kernels)
-                else:
-                    grids[name] = enc(inputs[name].to(dtype))
+                grids[name] = enc(*(inputs[key].to(dtype) for key in self._input_names[name]))
         return grids
+
+    def encoder_grid_shapes(self) -> Dict[str, Tuple[int, int, int]]:
+        """Encoder name -> ``(h, w, C)`` of the grid :meth:`encode` returns for it (channel order)."""
+        return {spec.name: (spec.grid[0], spec.grid[1], spec.dim) for spec in self.merge.specs}
+
+    def fuse(self, encoder_grids: Dict[str, torch.Tensor], rois: Optional[RoiBatch] = None,
+             roi_grids: Optional[Dict[str, torch.Tensor]] = None) -> MergedTokens:
+        """The tokens before the projector (a :class:`fusion.sequence.MergedTokens`: tokens
+        ``[B, N, C]``, boxes, segments, sizes) from encoder grids (name -> ``[B, h, w, C]``, as
+        :meth:`encode` returns them): the merge, then the granularity steps of
+        :attr:`sequence` (reduction, levels, the ROI crops' grids ``roi_grids`` placed by
+        ``rois``, position embedding)."""
+        return self._fuse(self._check_grids(encoder_grids), rois, roi_grids)
+
+    def _fuse(self, grids: Dict[str, torch.Tensor], rois: Optional[RoiBatch] = None,
+              roi_grids: Optional[Dict[str, torch.Tensor]] = None) -> MergedTokens:
+        fused = self.merge(grids)  # [B, N0, C]
+        if rois is None:
+            return self.sequence(fused, grids)
+        return self.sequence(fused, grids, self.merge(roi_grids), rois.boxes, rois.order)
 
     def merge_and_project(self, encoder_grids: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The merge (with levels, reduction, position embedding) and the projector on
         precomputed encoder grids: ``[B, N, D]``. ``encoder_grids``: encoder name ->
         ``[B, h, w, C]``, as :meth:`encode` returns them (or a
         :class:`fusion.feature_cache.FeatureCache` holds them); moved to the tower's device."""
-        return self.projector(self.merge.sequence(self._check_grids(encoder_grids)).tokens)
+        return self.projector(self.fuse(encoder_grids).tokens)
 
     def _check_grids(self, grids: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """One float ``[B, h, w, C]`` grid per encoder, each of its encoder's shape, on the tower's device."""
@@ -264,19 +299,18 @@ class MultiEncoderTower(nn.Module):
             raise ValueError(f"encoder_grids: expected one grid per encoder {list(self.encoders)}; "
                              f"missing {missing}, unexpected {unexpected}")
         device, batch, out = self.device, None, {}
-        for spec in self.merge.specs:
-            g = grids[spec.name]
-            want = f"[B, {spec.grid[0]}, {spec.grid[1]}, {spec.dim}]"
-            if not isinstance(g, torch.Tensor) or g.dim() != 4 or tuple(g.shape[1:]) != (*spec.grid, spec.dim):
+        for name, shape in self.encoder_grid_shapes().items():
+            g = grids[name]
+            if not isinstance(g, torch.Tensor) or g.dim() != 4 or tuple(g.shape[1:]) != shape:
                 got = list(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-                raise ValueError(f"encoder_grids[{spec.name!r}]: expected {want}, got {got}")
+                raise ValueError(f"encoder_grids[{name!r}]: expected [B, {', '.join(map(str, shape))}], got {got}")
             if not g.is_floating_point():
-                raise TypeError(f"encoder_grids[{spec.name!r}]: expected a float tensor, got dtype {g.dtype}")
+                raise TypeError(f"encoder_grids[{name!r}]: expected a float tensor, got dtype {g.dtype}")
             if batch is not None and g.shape[0] != batch:
-                raise ValueError(f"encoder_grids[{spec.name!r}]: batch size {g.shape[0]} differs from the "
+                raise ValueError(f"encoder_grids[{name!r}]: batch size {g.shape[0]} differs from the "
                                  f"other grids' {batch}")
             batch = g.shape[0]
-            out[spec.name] = g if g.device == device else g.to(device)
+            out[name] = g if g.device == device else g.to(device)
         return out
 
     def forward(self, pixel_values: torch.Tensor, return_dict: bool = False,
@@ -296,30 +330,33 @@ class MultiEncoderTower(nn.Module):
         ``tower.image_processor(images, rois=...)`` (so ``tower(**batch)`` works). Every
         encoder encodes the crops; each image gets its crops' fused tokens appended after
         its own (segments ``roi0``, ``roi1``, ...). Every image needs the same number of
-        crops ``r``; then ``N = num_patches + r * merge.grid_tokens``.
+        crops ``r``; then ``N = num_patches + r * sequence.grid_tokens``.
         """
         pixel_values = self._check_pixels(pixel_values)
-        B = pixel_values.shape[0]
-        rois = check_roi_inputs(roi_pixel_values, roi_boxes, roi_image_index, B, self.device)
-        weight = self._pad_weight(image_sizes, pixel_values)
-        roi_weight = None if rois is None or weight is None else self._roi_pad_weight(image_sizes, rois)
-        if rois is None:
-            grids, roi_grids = self._encode(pixel_values, weight), None
-        elif rois.pixel_values.shape[2:] == pixel_values.shape[2:]:  # one encoder batch for images and crops
-            both = self._encode(torch.cat([pixel_values, rois.pixel_values]), _cat_weights(
-                weight, roi_weight, (B, rois.pixel_values.shape[0]), pixel_values))
-            grids = {name: g[:B] for name, g in both.items()}
-            roi_grids = {name: g[B:] for name, g in both.items()}
-        else:
-            grids, roi_grids = self._encode(pixel_values, weight), self._encode(rois.pixel_values, roi_weight)
-        merged = self.merge.sequence(grids, roi_grids, roi_boxes=None if rois is None else rois.boxes,
-                                     roi_order=None if rois is None else rois.order)
+        rois = check_roi_inputs(roi_pixel_values, roi_boxes, roi_image_index, pixel_values.shape[0], self.device)
+        grids, roi_grids = self._encode_images_and_crops(pixel_values, rois, image_sizes)
+        merged = self._fuse(grids, rois, roi_grids)
         tokens = self.projector(merged.tokens)
         if not return_dict:
             return tokens
         hidden = tuple(g.flatten(1, 2) for g in grids.values()) + (merged.tokens, tokens)
         return TowerOutput(tokens=tokens, encoder_grids=grids, token_boxes=merged.boxes,
                            segments=merged.segments, hidden_states=hidden, token_sizes=merged.sizes)
+
+    def _encode_images_and_crops(self, pixel_values: torch.Tensor, rois: Optional[RoiBatch],
+                                 image_sizes: Optional[torch.Tensor]):
+        """``(grids, roi_grids)``: the images' encoder grids and the ROI crops' (``None`` without
+        crops); one encoder batch for both when the crops have the images' size."""
+        B = pixel_values.shape[0]
+        weight = self._pad_weight(image_sizes, pixel_values)
+        if rois is None:
+            return self._encode(pixel_values, weight), None
+        roi_weight = None if weight is None else self._roi_pad_weight(image_sizes, rois)
+        if rois.pixel_values.shape[2:] != pixel_values.shape[2:]:
+            return self._encode(pixel_values, weight), self._encode(rois.pixel_values, roi_weight)
+        both = self._encode(torch.cat([pixel_values, rois.pixel_values]), _cat_weights(
+            weight, roi_weight, (B, rois.pixel_values.shape[0]), pixel_values))
+        return {name: g[:B] for name, g in both.items()}, {name: g[B:] for name, g in both.items()}
 
     def _encoder_dtype(self, enc: Encoder) -> torch.dtype:
         for p in enc.parameters():

@@ -269,7 +269,7 @@ def check_one_pixel(x):
 
 def box_tokens(box):
     """The tiny tower's fused-grid token indices under ``box``."""
-    return fusion.tokens_in(tiny().merge.token_boxes(), box)
+    return fusion.tokens_in(tiny().sequence.token_boxes(), box)
 
 
 X = torch.zeros(2, 4, 4, 8)  # a valid [B, h, w, C] grid for the kernel rows

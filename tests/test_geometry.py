@@ -34,9 +34,14 @@ def test_import_fusion_and_help_import_no_heavy_library():
     assert not any(loaded_after(help_code).values())
 
 
-def test_loading_a_config_imports_no_upstream_library():
-    loaded = loaded_after("import fusion\nfusion.load_config('vsre')\nfusion.list_encoders()")
-    assert not any(v for k, v in loaded.items() if k != "torch"), loaded
+def test_loading_a_config_imports_no_upstream_library_and_not_torch():
+    """Config is data: checking encoders.<name>.type needs only the type names (fusion.encoder_types)."""
+    code = ("import fusion\nfusion.load_config('vsre')\nfusion.list_encoders()\n"
+            "try:\n    fusion.load_config('tiny', ['encoders.clip.type=clp'])\nexcept ValueError as err:\n"
+            "    assert 'encoders.clip.type' in str(err) and \"'clp'\" in str(err) and 'dinov2' in str(err)\n"
+            "else:\n    raise AssertionError('an unknown type was accepted')")
+    loaded = loaded_after(code)
+    assert not any(loaded.values()), loaded
 
 
 def test_lazy_package_attributes_still_resolve():

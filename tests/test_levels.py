@@ -5,10 +5,20 @@ import torch
 from fusion.config import FusionConfig, load_config
 from fusion.levels import pooled_boxes
 from fusion.merge import FusionMerge, GridSpec
+from fusion.sequence import TokenSequence
 
 
 def _merge(specs, **kw):
     return FusionMerge([GridSpec(n, g, c) for n, g, c in specs], FusionConfig(norm="none", **kw))
+
+
+def _steps(m):
+    """The granularity steps after merge ``m`` (as the tower composes them)."""
+    return TokenSequence(m.cfg, [s.name for s in m.specs])
+
+
+def _sequence(m, grids):
+    return _steps(m)(m(grids), grids)
 
 
 def test_pooled_boxes_by_hand():
@@ -24,24 +34,24 @@ def test_pooled_boxes_by_hand():
 def test_channel_levels_values_boxes_segments():
     x = torch.arange(16.0).reshape(1, 4, 4, 1)  # one channel, value = row * 4 + col
     m = _merge([("a", (4, 4), 1)], grid=4, levels=[4, 2, 1])  # a leading 4 names the fused grid itself
-    out = m.sequence({"a": x})
-    assert m.num_tokens == 16 + 4 + 1
+    out = _sequence(m, {"a": x})
+    assert _steps(m).num_tokens == 16 + 4 + 1
     assert out.tokens.shape == (1, 21, 1)
     assert out.tokens[0, :16, 0].tolist() == list(range(16))
     # level 2: means of the 2x2 quarters {0,1,4,5}, {2,3,6,7}, {8,9,12,13}, {10,11,14,15}; level 1: mean of all
     assert out.tokens[0, 16:, 0].tolist() == [2.5, 4.5, 10.5, 12.5, 7.5]
-    assert out.segments == [("fused", 0, 16), ("level2", 16, 20), ("level1", 20, 21)] == m.segments()
+    assert out.segments == [("fused", 0, 16), ("level2", 16, 20), ("level1", 20, 21)] == _steps(m).segments()
     assert out.boxes.shape == (21, 4)
     assert out.boxes[16].tolist() == [0, 0, .5, .5] and out.boxes[19].tolist() == [.5, .5, 1, 1]
     assert out.boxes[20].tolist() == [0, 0, 1, 1]
     assert out.boxes[5].tolist() == [.25, .25, .5, .5]
-    torch.testing.assert_close(m.token_boxes(), out.boxes)
+    torch.testing.assert_close(_steps(m).token_boxes(), out.boxes)
     assert out.sizes is None
 
 
 def test_non_dividing_level_averages_shared_cells():
     x = torch.arange(16.0).reshape(1, 4, 4, 1)
-    out = _merge([("a", (4, 4), 1)], grid=4, levels=[3]).sequence({"a": x})
+    out = _sequence(_merge([("a", (4, 4), 1)], grid=4, levels=[3]), {"a": x})
     # level-3 token (1, 1) averages rows 1-2, cols 1-2 of the 4-grid: {5, 6, 9, 10}
     assert out.tokens[0, 16 + 4, 0].item() == 7.5
     assert out.boxes[16 + 4].tolist() == [.25, .25, .75, .75]
@@ -50,7 +60,7 @@ def test_non_dividing_level_averages_shared_cells():
 def test_sequence_layout_levels_per_encoder():
     a, b = torch.full((1, 2, 2, 3), 1.0), torch.arange(16.0).reshape(1, 4, 4, 1).expand(1, 4, 4, 3)
     m = _merge([("a", (2, 2), 3), ("b", (4, 4), 3)], grid=2, combine="sequence_concat", levels=[1])
-    out = m.sequence({"a": a, "b": b.contiguous()})
+    out = _sequence(m, {"a": a, "b": b.contiguous()})
     assert out.segments == [("a", 0, 4), ("b", 4, 8), ("a/level1", 8, 9), ("b/level1", 9, 10)]
     assert out.tokens[0, 8].tolist() == [1.0] * 3
     assert out.tokens[0, 9].tolist() == [7.5] * 3

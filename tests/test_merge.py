@@ -7,6 +7,7 @@ from fusion.boxes import grid_boxes
 from fusion.config import FusionConfig, ProjectorConfig
 from fusion.merge import FusionMerge, GridSpec
 from fusion.projector import build_projector, projector_out_dim
+from fusion.sequence import TokenSequence
 
 
 def _merge(specs, **kw):
@@ -33,7 +34,8 @@ def test_channel_concat_layernorm_by_hand():
     s = 3 ** 0.5
     expected = torch.tensor([[[-1.0, 1.0, -1 / s, -1 / s, -1 / s, 3 / s]]])
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
-    assert m.out_dim == 6 and m.num_tokens == 1 and m.segments() == [("fused", 0, 1)]
+    steps = TokenSequence(m.cfg, ["a", "b"])
+    assert m.out_dim == 6 and steps.num_tokens == 1 and steps.segments() == [("fused", 0, 1)]
 
 
 def test_channel_concat_equals_pool_norm_cat():
@@ -55,8 +57,9 @@ def test_sequence_concat_order_boxes_and_width():
     out = m({"a": a, "b": b})
     assert out.shape == (1, 8, 3)
     assert out[0, :4].eq(1).all() and out[0, 4:].eq(2).all()
-    assert m.segments() == [("a", 0, 4), ("b", 4, 8)]
-    assert m.token_boxes().shape == (8, 4)
+    steps = TokenSequence(m.cfg, ["a", "b"])
+    assert steps.segments() == [("a", 0, 4), ("b", 4, 8)]
+    assert steps.token_boxes().shape == (8, 4) and steps.grid_tokens == m.grid_tokens == 8
     with pytest.raises(ValueError, match="fusion.combine.*widths.*fusion.width"):
         _merge([("a", (2, 2), 3), ("b", (2, 2), 5)], grid=2, combine="sequence_concat")
     m = _merge([("a", (2, 2), 3), ("b", (2, 2), 5)], grid=2, combine="sequence_concat", width=4)
@@ -80,3 +83,15 @@ def test_projectors():
     assert projector_out_dim(ProjectorConfig("none", None), 8) == 8
     with pytest.raises(ValueError, match="projector.out_dim"):
         build_projector(ProjectorConfig("none", 7), 8)
+
+
+def test_old_merge_sequence_warns_and_equals_the_tower():
+    from fusion import build_tower
+
+    tower = build_tower("tiny", ["fusion.levels=[2]", "fusion.pos_embed=sincos"], weights="random")
+    grids = tower.encode(torch.rand(2, 3, 64, 64))
+    with pytest.warns(DeprecationWarning, match="tower.fuse"):
+        old = tower.merge.sequence(grids)
+    new = tower.fuse(grids)
+    assert torch.equal(old.tokens, new.tokens) and old.segments == new.segments == tower.sequence.segments()
+    assert torch.equal(tower.projector(new.tokens), tower.merge_and_project(grids))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fusion import Encoder, build_tower, register_encoder
 from fusion.config import load_config
-from fusion.multiscale import split_tiles, stitch_tiles
+from fusion.multiscale import MultiScaleEncoder, scales_of, split_tiles, stitch_tiles
 from fusion.preprocess import resize_images
 
 
@@ -58,7 +58,7 @@ def test_split_and_stitch_by_hand():
 def test_toy_encoder_reveals_stitching_and_one_batch():
     tower = build_tower(toy_config(encoders={"a": {"type": "toy_patchmean", "model": "toy", "image_size": 8,
                                                    "arch": {"patch": 2}, "scales": [1, 2]}}), weights="random")
-    enc = tower.encoders["a"]
+    enc = tower.encoders["a"].inner  # the toy itself, wrapped in a MultiScaleEncoder
     px = torch.rand(2, 3, 16, 16)  # already 2S: the scale-2 input is these very pixels
     enc.batches.clear()
     out = tower(px, return_dict=True)
@@ -105,7 +105,7 @@ def test_scale_one_equals_no_scales_key():
 def test_real_tiny_encoder_against_per_tile_reference():
     tower = build_tower("tiny", ["encoders.siglip=null", "encoders.sam=null", "encoders.dino=null",
                                  "encoders.clip.scales=[1, 2]"], weights="random")
-    enc = tower.encoders["clip"]
+    enc = tower.encoders["clip"].inner  # the plain CLIP adapter the MultiScaleEncoder runs
     S = enc.image_size
     px = torch.rand(2, 3, 100, 100)
     mean, std = torch.tensor(enc.mean).view(1, 3, 1, 1), torch.tensor(enc.std).view(1, 3, 1, 1)
@@ -133,3 +133,29 @@ def test_scale_errors_name_the_key(scales, fragment):
     with pytest.raises(ValueError, match="encoders.clip.scales") as err:
         load_config("tiny", {"encoders.clip.scales": scales})
     assert fragment in str(err.value)
+
+
+def test_wrapper_keeps_the_plain_encoders_state_dict_keys_and_parameters():
+    """A checkpoint of the plain encoder loads into the multi-scale one, key for key (no ``inner.``)."""
+    overrides = ["encoders.siglip=null", "encoders.sam=null", "encoders.dino=null"]
+    plain = build_tower("tiny", overrides, weights="random")
+    scaled = build_tower("tiny", overrides + ["encoders.clip.scales=[1, 2]"], weights="random")
+    wrapper = scaled.encoders["clip"]
+    assert isinstance(wrapper, MultiScaleEncoder) and wrapper.scales == (1, 2)
+    assert (wrapper.dim, wrapper.grid) == (2 * wrapper.inner.dim, wrapper.inner.grid)
+    sa, sb = plain.encoders["clip"].state_dict(), wrapper.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)  # same seed, same weights
+    assert [p is q for p, q in zip(wrapper.parameters(), wrapper.inner.parameters())] == [True] * len(sa)
+    with torch.no_grad():
+        for p in plain.encoders["clip"].parameters():
+            p.add_(1.0)
+    scaled.encoders["clip"].load_state_dict(plain.encoders["clip"].state_dict())
+    assert torch.equal(next(wrapper.inner.parameters()), next(plain.encoders["clip"].parameters()))
+    names = [spec.name for spec in wrapper.input_specs()]
+    assert names == ["clip", "clip@2x"] and wrapper.input_specs()[1].image_size == 2 * wrapper.image_size
+    with pytest.raises(TypeError, match="expected 2 inputs"):
+        wrapper(torch.zeros(1, 3, wrapper.image_size, wrapper.image_size))
+    with pytest.warns(DeprecationWarning, match="enc.scales"):
+        assert scales_of(wrapper) == [1, 2]
+    wrapper.eval()
+    assert not wrapper.inner.training and not any(m.training for m in wrapper.modules())

@@ -77,7 +77,7 @@ def test_encoder_metric_uses_that_encoders_aligned_grid():
     assert out.token_sizes[:, 6:].eq(1).all()
     assert out.token_boxes[:, 6:].tolist() == [grid_boxes(2, 2).tolist()] * 2
     with pytest.raises(ValueError, match="fusion.reduce.*per image"):
-        tower.merge.token_boxes()
+        tower.sequence.token_boxes()
 
 
 def test_keep_all_is_identity_and_gradients_flow():

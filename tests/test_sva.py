@@ -245,8 +245,7 @@ def test_cli_extract_with_sva(tower, tmp_path):
     assert manifest["tokens"] == [16, 64]
     feats = load_file(str(out / next(iter(manifest["shards"]))))
     with Image.open(EXAMPLES / "house.jpg") as im, torch.no_grad():
-        inputs = tower.image_processor(im.convert("RGB"))  # extract passes the letterbox's image_sizes
-        want = tower(inputs["pixel_values"], image_sizes=inputs["image_sizes"])[0]
+        want = tower(**tower.image_processor(im.convert("RGB")))[0]  # extract passes image_sizes too
     torch.testing.assert_close(feats["house.jpg"], want, rtol=1e-5, atol=1e-5)
 
 

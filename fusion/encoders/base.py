@@ -6,6 +6,7 @@ on the device according to the attributes below, then calls :meth:`Encoder.forwa
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import torch
@@ -16,6 +17,20 @@ from ..config import EncoderConfig
 if TYPE_CHECKING:  # pragma: no cover
     from .fetch import Remote
     from .sources import LoadedWeights
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input an encoder takes: :class:`fusion.preprocess.EncoderInputs` makes it from
+    ``pixel_values`` (resized to ``image_size`` with ``resize`` / ``interpolation``, normalised
+    with ``mean`` / ``std``) under the key ``name``."""
+
+    name: str
+    image_size: int
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    resize: str = "squash"
+    interpolation: str = "bicubic"
 
 
 class Encoder(nn.Module):
@@ -37,7 +52,9 @@ class Encoder(nn.Module):
 
     ``forward(pixels)`` takes normalised pixels ``[B, 3, image_size, image_size]`` and
     returns ``[B, h, w, C]``: prefix tokens (CLS, registers) removed, the configured
-    layer selected through the upstream's public API.
+    layer selected through the upstream's public API. More precisely ``forward`` takes one
+    tensor per entry of :meth:`input_specs`: one, the encoder's own input, unless the
+    encoder says otherwise (:class:`fusion.multiscale.MultiScaleEncoder`: one per scale).
 
     Weights: ``loaded_weights`` (a :class:`fusion.encoders.sources.LoadedWeights`) says
     where the weights came from, for ``tower.weights_report()``; ``None`` when the
@@ -56,6 +73,7 @@ class Encoder(nn.Module):
     resize: str = "squash"
     interpolation: str = "bicubic"
     loaded_weights: Optional["LoadedWeights"] = None
+    scales: Tuple[int, ...] = (1,)  # S2 scales; more than (1,) only for fusion.multiscale.MultiScaleEncoder
 
     def __init__(self, cfg: EncoderConfig, load_weights: bool = True):
         super().__init__()
@@ -69,6 +87,11 @@ class Encoder(nn.Module):
     @property
     def frozen(self) -> bool:
         return self.cfg.freeze
+
+    def input_specs(self) -> Tuple[InputSpec, ...]:
+        """The inputs :meth:`forward` takes, in order (objects with :class:`InputSpec`'s
+        attributes); by default one: the encoder itself, which has them all."""
+        return (self,)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

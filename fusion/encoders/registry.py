@@ -3,20 +3,18 @@
 Config files name encoders by ``type``; the tower looks the class up here, so adding an
 encoder family never touches the tower or the config code.
 
-The built-in types are known by name without importing their adapters (which import
-open_clip, timm or segment_anything): :data:`BUILTIN_MODULES` maps each to the module that
-registers it, imported the first time its class is asked for. So validating a config's
-``type`` (:func:`check_encoder_type`) and listing the types import nothing heavy.
+The names live in :mod:`fusion.encoder_types` (data, no imports), so that validating a
+config's ``type`` and listing the types import nothing heavy; the built-in adapters (which
+import open_clip, timm or segment_anything) are imported the first time a class is asked for.
 """
 from __future__ import annotations
 
-import difflib
 from importlib import import_module
-from typing import Callable, Dict, List, Type
+from typing import Callable, Dict, Type
+
+from ..encoder_types import BUILTIN_TYPES, add_type, check_encoder_type, list_encoders  # noqa: F401 (re-exported)
 
 _ENCODERS: Dict[str, type] = {}
-# built-in type -> the module (in this package) whose @register_encoder registers it
-BUILTIN_MODULES: Dict[str, str] = {"clip": "clip", "siglip": "clip", "sam": "sam", "dinov2": "dinov2"}
 
 
 def register_encoder(name: str) -> Callable[[Type], Type]:
@@ -29,31 +27,17 @@ def register_encoder(name: str) -> Callable[[Type], Type]:
 
         if not (isinstance(cls, type) and issubclass(cls, Encoder)):
             raise TypeError(f"register_encoder({name!r}): {cls!r} is not a subclass of fusion.Encoder")
-        if name in BUILTIN_MODULES and cls.__module__ != _builtin_module(name):
+        if name in BUILTIN_TYPES and cls.__module__ != BUILTIN_TYPES[name]:
             _import_builtin(name)  # a user class taking a built-in name meets the built-in one
         existing = _ENCODERS.get(name)
         if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
             raise ValueError(f"register_encoder: the name {name!r} is already taken by {existing.__qualname__}")
         _ENCODERS[name] = cls
+        add_type(name)
         cls.encoder_type = name
         return cls
 
     return decorate
-
-
-def list_encoders() -> List[str]:
-    """The encoder types: built-in and registered, sorted (no adapter is imported)."""
-    return sorted(set(_ENCODERS) | set(BUILTIN_MODULES))
-
-
-def check_encoder_type(name: str, key: str = "type") -> None:
-    """``ValueError`` naming ``key`` unless ``name`` is a built-in or registered type; imports nothing."""
-    if name in _ENCODERS or name in BUILTIN_MODULES:
-        return
-    known = list_encoders()
-    close = difflib.get_close_matches(str(name), known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(f"{key}: unknown encoder type {name!r}{hint}; registered types are {known}")
 
 
 def get_encoder_class(name: str, key: str = "type") -> type:
@@ -65,10 +49,6 @@ def get_encoder_class(name: str, key: str = "type") -> type:
     return _ENCODERS[name]
 
 
-def _builtin_module(name: str) -> str:
-    return f"{__package__}.{BUILTIN_MODULES[name]}"
-
-
 def _import_builtin(name: str) -> None:
     """Import the adapter module that registers the built-in type ``name``."""
-    import_module(_builtin_module(name))
+    import_module(BUILTIN_TYPES[name])
