@@ -24,7 +24,7 @@ from . import _validate as V
 from ._canonical import require_canonical
 from ._launch import Launch
 from ._plan import DOT_MIN, TILE_BUDGET, dot_precision, next_pow2, num_warps_for, pyramid_tables
-from ._triton import HAVE_TRITON, tl, triton, triton_runs_on
+from ._triton import tl, triton
 from .reference import pyramid_pool_reference
 
 require_canonical(__name__)  # registering the fusion:: ops twice frees them under live handles
@@ -269,11 +269,6 @@ def pyramid_pool(tokens: Tensor, grid: Union[int, Tuple[int, int]],
     H, W = V.check_size("grid", grid)
     V.check_tokens(tokens, (H, W))
     lv = V.check_levels(levels, (H, W))
-    dev, dtype = tokens.device, tokens.dtype
-    ok = triton_runs_on(_pyramid_fwd_kernel, dev) and dtype != torch.float64
-    be = V.resolve_backend(backend, dev, HAVE_TRITON)
-    if be == "triton" and not ok and backend == "triton":
-        raise ValueError(V.triton_unavailable(dev, dtype))
-    if be == "torch" or not ok:  # "auto" falls back to PyTorch (e.g. float64 on CUDA)
+    if V.choose_backend(backend, _pyramid_fwd_kernel, {"tokens": tokens}) == "torch":
         return pyramid_pool_reference(tokens, (H, W), lv)
     return _pyramid_op(tokens, H, W, [v for pair in lv for v in pair])

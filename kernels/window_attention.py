@@ -36,7 +36,7 @@ from . import _validate as V
 from ._canonical import require_canonical
 from ._launch import Launch, run_all
 from ._plan import DOT_MIN, next_pow2
-from ._triton import HAVE_TRITON, tl, triton_runs_on
+from ._triton import tl
 from ._window_attention_jit import _window_attention_bwd_kernel, _window_attention_fwd_kernel
 from .window_attention_reference import window_attention_reference, window_attention_reference_backward
 from .windows import WindowTable, area_windows, check_windows
@@ -460,16 +460,8 @@ def window_attention(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor]
         scale = 1.0 / math.sqrt(d)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"scale={scale!r} must be a positive float (or None for 1/sqrt(d))")
-    dev, dtype = q.device, q.dtype
-    ok = triton_runs_on(_window_attention_fwd_kernel, dev) and dtype != torch.float64
-    be = V.resolve_backend(backend, dev, HAVE_TRITON)
-    if be == "triton" and not ok and backend == "triton":
-        raise ValueError(V.triton_unavailable(dev, dtype))
-    too_big = _beyond_kernel_limits(win, q.shape[-1])
-    if be == "triton" and too_big and backend == "triton":
-        raise ValueError(f"backend='triton': {too_big}; use backend='torch' or 'auto'")
-    ok = ok and not too_big
+    be = V.choose_backend(backend, _window_attention_fwd_kernel, {"q": q}, _beyond_kernel_limits(win, q.shape[-1]))
     grids = [v for g in win.grids for v in g]
     out, _ = _window_attention_op(q, list(keys), list(values), grids, win.size[0], win.size[1], heads,
-                                  float(scale), be == "triton" and ok)
+                                  float(scale), be == "triton")
     return out

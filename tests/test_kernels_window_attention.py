@@ -17,20 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fusion.kernels import area_windows, naive_window_attention, window_attention
+from kernel_asserts import assert_close
 
 WA = sys.modules["fusion.kernels.window_attention"]
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float64: 1e-10}
-
-
-def assert_close(got, want, tol, what=""):
-    err = (got.double() - want.double()).abs()
-    scale = max(1.0, want.double().abs().max().item())
-    worst = err.max().item()
-    idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
-    assert worst <= tol * scale, (f"{what}: worst |diff| {worst:.3e} at {idx} "
-                                  f"(got {got.double()[idx].item():.6g}, want {want.double()[idx].item():.6g}), "
-                                  f"tolerance {tol:g} x {scale:.3g}")
 
 
 def check(grids, size, B=2, heads=2, d=16, dtype=torch.float32, backend="triton", strided=False, scale=None):
