@@ -4,7 +4,7 @@ For each preset (and variant: S2 scales, levels, token reduction, sequence layou
 trainable encoders) the tower's geometry is read by building each encoder once with
 random weights; the workloads below turn it into the kernel calls the tower makes
 (``grid_merge`` forward and backward, ``pyramid_pool`` for levels and S2, ``reduce_to``'s
-bipartite kernels), each op module's ``compile_launches`` turns a call into the exact
+bipartite kernels, ``window_attention`` for ``combine: sva``), each op module's ``compile_launches`` turns a call into the exact
 :class:`~fusion.kernels._launch.Launch` records its launcher would run on a device with
 that many SMs, and ``compile_aot.compile_launch`` compiles them with Triton's own binder
 and reads ptxas' registers and spills and Triton's shared memory. The launch plans depend
@@ -47,6 +47,7 @@ import fusion.kernels  # noqa: E402,F401
 GM = sys.modules["fusion.kernels.grid_merge"]
 PP = sys.modules["fusion.kernels.pyramid_pool"]
 BM = sys.modules["fusion.kernels.bipartite_merge"]
+WA = sys.modules["fusion.kernels.window_attention"]
 
 SPILL_LIMIT = 64  # bytes per thread (stores + loads) a launch may spill; the issue's bound
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,7 +70,8 @@ TARGETS = {
     86: Target(86, "A10 / RTX 30 / A40 (sm_86)", 72, 99 * 1024, 1536, 16),
     90: Target(90, "H100 SXM (sm_90)", 132, 227 * 1024, 2048, 32),
 }
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+LOW_PRECISION = ("float16", "bfloat16")  # what towers run the fixed merge's kernels in
 REPORT_BATCHES = (1, 16)
 
 
@@ -79,11 +81,13 @@ REPORT_BATCHES = (1, 16)
 
 @dataclass(frozen=True)
 class Call:
-    """One op call of a workload: ``fn(**kwargs, dtype=, batch=, sms=)`` returns its launches."""
+    """One op call of a workload: ``fn(**kwargs, dtype=, batch=, sms=)`` returns its launches.
+    ``dtypes``: the dtypes it is compiled in (those of them ``--dtypes`` asks for)."""
     workload: str
     op: str
     fn: Callable = field(compare=False)
     kwargs: Tuple = ()
+    dtypes: Tuple[str, ...] = LOW_PRECISION
 
     def launches(self, dtype, batch: int, sms: int):
         return self.fn(**dict(self.kwargs), dtype=dtype, batch=batch, sms=sms)
@@ -106,9 +110,15 @@ def _bp(N, C, Cm, keep, dtype, batch, sms):
     return BM.compile_launches(N, C, Cm, keep, dtype, batch)
 
 
+def _wa(size, grids, heads, head_dim, dtype, batch, sms):
+    return WA.compile_launches(size, grids, heads, head_dim, dtype, batch)
+
+
 def merge_calls(name: str, cfg, geo: Dict[str, Tuple[int, int, int]], trainable: bool) -> List[Call]:
     """The ``grid_merge`` of the tower: every encoder's grid to the fused grid."""
     f = cfg.fusion
+    if f.combine == "sva":
+        return []  # the aggregator attends to the encoder grids themselves (sva_calls)
     layout = "channel" if f.combine == "channel_concat" else "sequence"
     specs = tuple((h, w, f.width if (layout == "sequence" and f.width) else c) for h, w, c in geo.values())
     norm = "affine" if f.norm == "layernorm" else "none"
@@ -154,8 +164,19 @@ def reduce_calls(name: str, cfg, geo, trainable: bool) -> List[Call]:
     return calls
 
 
+def sva_calls(name: str, cfg, geo, trainable: bool) -> List[Call]:
+    """``combine: sva``: each of ``fusion.sva.layers`` layers makes one ``window_attention`` call
+    (all alike), forward and backward (the aggregator trains), in fp32 too (its weights' dtype)."""
+    f = cfg.fusion
+    if f.combine != "sva":
+        return []
+    grids = tuple((h, w) for h, w, _ in geo.values())
+    return [Call(name, "window_attention", _wa, _kw(size=(f.grid, f.grid), grids=grids, heads=f.sva.heads,
+                                                     head_dim=f.sva.dim // f.sva.heads), tuple(DTYPES))]
+
+
 # A tower config -> its kernel calls. To put a new op in the report, add its function here.
-WORKLOADS = [merge_calls, level_calls, s2_calls, reduce_calls]
+WORKLOADS = [merge_calls, level_calls, s2_calls, reduce_calls, sva_calls]
 
 # Variants of every preset: (label, overrides, trainable encoders)
 VARIANTS = [
@@ -165,6 +186,7 @@ VARIANTS = [
     ("levels", "levels", False),
     ("reduce", "reduce", False),
     ("sequence", ["fusion.combine=sequence_concat", "fusion.width=1024"], False),
+    ("sva", ["fusion.combine=sva"], False),   # heads and dim: fusion.sva's defaults
 ]
 REDUCE_N = (576, 729, 1024, 2304, 4096)
 
@@ -247,13 +269,16 @@ def subset_calls() -> List[Call]:
     kernel once, ``grid_merge`` on both of its resampling paths: SigLIP's 27x27x1152 with a
     trainable LayerNorm and encoder (column-by-column FMAs, two channel parts, two backward
     colours) and SAM's 64x64x256 (``tl.dot``); vsre's fused width pooled to 12/6/3/1; ToMe
-    reduction of 576 tokens."""
+    reduction of 576 tokens; the SVA's window attention over vsre's grids (24 <- 24, 27, 64, 24),
+16 heads x 64."""
     g = "subset"
     return [
         Call(g, "grid_merge", _gm, _kw(specs=((27, 27, 1152), (64, 64, 256)), size=(24, 24), mode="area",
                                         norm="affine", layout="channel", need_dx=True)),
         Call(g, "pyramid_pool", _pp, _kw(grid=(24, 24), C=3456, levels=((12, 12), (6, 6), (3, 3), (1, 1)))),
         Call(g, "bipartite", _bp, _kw(N=576, C=3456, Cm=None, keep=288)),
+        Call(g, "window_attention", _wa, _kw(size=(24, 24), grids=((24, 24), (27, 27), (64, 64), (24, 24)),
+                                              heads=16, head_dim=64)),
     ]
 
 
@@ -280,9 +305,16 @@ def failure(c: Compiled, t: Target) -> str:
     return ""
 
 
+# The constexprs that tell one build of a kernel from another in the table (per kernel name prefix)
+_VARIANT_KEYS = {
+    "window_attention": ("NE", "BY", "BM", "BD") + tuple(f"{k}{i}" for i in range(4) for k in ("BR", "BC")),
+    "": ("R", "BC1", "BC2", "NORM", "HAS_W", "NEED_DX", "TWO_SLOTS", "KP", "BJ", "BC", "BLOCK_A", "BLOCK_M",
+         "BLOCK_C"),
+}
+
+
 def _variant(launch) -> str:
-    keep = ("R", "BC1", "BC2", "NORM", "HAS_W", "NEED_DX", "TWO_SLOTS", "KP", "BJ", "BC", "BLOCK_A", "BLOCK_M",
-            "BLOCK_C")
+    keep = next(v for k, v in _VARIANT_KEYS.items() if launch.label.startswith(k))
     return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in launch.constexprs.items() if k in keep)
 
 
@@ -298,6 +330,8 @@ def run(calls: List[Call], targets: List[Target], dtypes: List[str], all_batches
         batches = sorted(set(report) | (set(range(1, t.sms + 1)) if all_batches else set()))
         for dname in dtypes:
             for call in calls:
+                if dname not in call.dtypes:
+                    continue
                 for B in batches:
                     for i, launch in enumerate(call.launches(DTYPES[dname], B, t.sms)):
                         k = compile_key(launch, t.arch)
@@ -370,7 +404,8 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", default="vsre,dinosiglip,llava15,tiny")
     ap.add_argument("--subset", action="store_true", help="the default test's representative subset (no presets)")
     ap.add_argument("--targets", default="80,86,90")
-    ap.add_argument("--dtypes", default="float16,bfloat16")
+    ap.add_argument("--dtypes", default="float16,bfloat16,float32",
+                    help="float32 applies to the ops that run in it (window_attention); the rest are fp16 / bf16")
     ap.add_argument("--all-batches", action="store_true",
                     help="also compile what every batch 1..SMs plans (every configuration a GPU may pick)")
     ap.add_argument("--out", default=str(RESULTS))

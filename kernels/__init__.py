@@ -9,8 +9,10 @@ Public ops (each with a Triton path for CUDA tensors and a PyTorch reference pat
   several encoder grids, one softmax (the SVA's cross-attention; windows from
   :func:`area_windows`).
 
-``naive_grid_merge`` / ``naive_pyramid_pool`` are the hand-written PyTorch sequences
-used as independent oracle and benchmark baseline.
+Words: the *reference* (``*_reference``; ``reference.py``, ``window_attention_reference.py``,
+``bipartite_reference.py``) is an op's PyTorch path, what runs on CPUs; ``naive_*`` and
+``bipartite_merge_full`` (``naive.py``) are the hand-written sequences that share no code
+with either path: the tests' independent oracles and the benchmarks' baselines.
 """
 if __name__ == "fusion.kernels":
     from .grid_merge import grid_merge  # noqa: F401  (binds the function over the submodule)
@@ -18,15 +20,9 @@ if __name__ == "fusion.kernels":
     from .bipartite_merge import bipartite_merge, reduce_to  # noqa: F401
     from .window_attention import window_attention  # noqa: F401
     from .windows import WindowTable, area_windows  # noqa: F401
-    from .window_attention_reference import naive_window_attention  # noqa: F401
-    from .reference import (  # noqa: F401
-        grid_merge_reference,
-        naive_grid_merge,
-        naive_pyramid_pool,
-        pyramid_pool_reference,
-        bipartite_merge_full,
-        bipartite_merge_reference,
-    )
+    from .reference import grid_merge_reference, pyramid_pool_reference  # noqa: F401
+    from .bipartite_reference import bipartite_merge_reference  # noqa: F401
+    from .naive import bipartite_merge_full, naive_grid_merge, naive_pyramid_pool, naive_window_attention  # noqa: F401
 
     __all__ = [
         "grid_merge",

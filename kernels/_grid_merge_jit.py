@@ -6,7 +6,7 @@ holds ``[R, BC1]`` (+ ``[R, BC2]``) fp32 tiles: ``R`` positions of one output ro
 Loads are cast to fp32 before any arithmetic (the interpreter's bf16 math needs it; the
 sums run in fp32 anyway).
 """
-from ._resample_jit import layer_norm_backward, layer_norm_stats, load_taps, output_row, push_rows, zero_row
+from ._resample_jit import layer_norm_backward, layer_norm_stats, output_row, push_rows, segment, zero_row
 from ._triton import tl, triton
 
 
@@ -26,21 +26,8 @@ def _grid_merge_fwd_kernel(
     x1 = tl.load(prog + 1)
     y0 = tl.load(prog + 2)
     y1 = tl.load(prog + 3)
-    offs_x = x0 + tl.arange(0, R)
-    xmask = offs_x < x1
-    if USE_DOT:
-        c_lo, c_hi, c_wf, c_wl = load_taps(cols_idx_ptr, cols_wt_ptr, offs_x, xmask)
-    else:  # FMA path: weights of column j for the R positions come from the dense [W + 1, w]
-        c_lo = 0  # table; positions outside the segment read its last row, all zeros
-        c_hi = dense_ptr
-        c_wf = tl.where(xmask, offs_x, W) * w_in
-        c_wl = 0
-    jlo = tl.load(cols_idx_ptr + 2 * x0)
-    jhi = tl.load(cols_idx_ptr + 2 * (x1 - 1) + 1)
-    c1 = ct * BC1 + tl.arange(0, BC1)  # channels of part 1 (a channel tile without a LayerNorm)
-    c2 = BC1 + tl.arange(0, BC2)       # the rest (HAS_REST: LayerNorm of a non-power-of-two C)
-    m1 = (c1 < C) | HAS_REST  # with a rest, part 1 is channels [0, pow2_floor(C)): all valid
-    m2 = c2 < C
+    offs_x, xmask, c_lo, c_hi, c_wf, c_wl, jlo, jhi, c1, c2, m1, m2 = segment(
+        cols_idx_ptr, cols_wt_ptr, dense_ptr, x0, x1, W, w_in, ct, C, R, BC1, BC2, HAS_REST, USE_DOT)
     if HAS_W:
         w1 = tl.load(w_ptr + c1, mask=m1, other=0.0).to(tl.float32)
         w2 = tl.load(w_ptr + c2, mask=m2, other=0.0).to(tl.float32)
@@ -105,21 +92,8 @@ def _grid_merge_bwd_kernel(
     ya = tl.load(prog + 6)
     yb = tl.load(prog + 7)
     slot = tl.load(prog + 8)
-    offs_x = x0 + tl.arange(0, R)
-    xmask = offs_x < x1
-    if USE_DOT:
-        c_lo, c_hi, c_wf, c_wl = load_taps(cols_idx_ptr, cols_wt_ptr, offs_x, xmask)
-    else:  # FMA path: weights of column j for the R positions come from the dense [W + 1, w]
-        c_lo = 0  # table; positions outside the segment read its last row, all zeros
-        c_hi = dense_ptr
-        c_wf = tl.where(xmask, offs_x, W) * w_in
-        c_wl = 0
-    jlo = tl.load(cols_idx_ptr + 2 * x0)
-    jhi = tl.load(cols_idx_ptr + 2 * (x1 - 1) + 1)
-    c1 = ct * BC1 + tl.arange(0, BC1)
-    c2 = BC1 + tl.arange(0, BC2)
-    m1 = (c1 < C) | HAS_REST  # with a rest, part 1 is channels [0, pow2_floor(C)): all valid
-    m2 = c2 < C
+    offs_x, xmask, c_lo, c_hi, c_wf, c_wl, jlo, jhi, c1, c2, m1, m2 = segment(
+        cols_idx_ptr, cols_wt_ptr, dense_ptr, x0, x1, W, w_in, ct, C, R, BC1, BC2, HAS_REST, USE_DOT)
     w1 = 0.0
     w2 = 0.0
     if HAS_W:

@@ -27,6 +27,30 @@ def load_taps(idx_ptr, wt_ptr, offs, mask):
 
 
 @triton.jit
+def segment(cols_idx_ptr, cols_wt_ptr, dense_ptr, x0, x1, W, w_in, ct, C, R: tl.constexpr, BC1: tl.constexpr,
+            BC2: tl.constexpr, HAS_REST: tl.constexpr, USE_DOT: tl.constexpr):
+    """A program's output columns ``[x0, x1)`` (``offs_x``, ``xmask``: ``[R]``), their column
+    weights ``(c_lo, c_hi, c_wf, c_wl)`` as the module docstring says, the input columns
+    ``[jlo, jhi)`` they read, and channel tile ``ct``'s two parts with their masks."""
+    offs_x = x0 + tl.arange(0, R)
+    xmask = offs_x < x1
+    if USE_DOT:
+        c_lo, c_hi, c_wf, c_wl = load_taps(cols_idx_ptr, cols_wt_ptr, offs_x, xmask)
+    else:  # FMA path: weights of column j for the R positions come from the dense [W + 1, w]
+        c_lo = 0  # table; positions outside the segment read its last row, all zeros
+        c_hi = dense_ptr
+        c_wf = tl.where(xmask, offs_x, W) * w_in
+        c_wl = 0
+    jlo = tl.load(cols_idx_ptr + 2 * x0)
+    jhi = tl.load(cols_idx_ptr + 2 * (x1 - 1) + 1)
+    c1 = ct * BC1 + tl.arange(0, BC1)  # channels of part 1 (a channel tile without a LayerNorm)
+    c2 = BC1 + tl.arange(0, BC2)       # the rest (HAS_REST: LayerNorm of a non-power-of-two C)
+    m1 = (c1 < C) | HAS_REST  # with a rest, part 1 is channels [0, pow2_floor(C)): all valid
+    m2 = c2 < C
+    return offs_x, xmask, c_lo, c_hi, c_wf, c_wl, jlo, jhi, c1, c2, m1, m2
+
+
+@triton.jit
 def col_weights(j, c_lo, c_hi, c_wf, c_wl):
     """``[R, BJ]`` weights input columns ``j`` (``[1, BJ]``) get in the ``R`` positions."""
     hi = c_hi[:, None]

@@ -1,4 +1,4 @@
-"""Argument checks shared by every backend of :func:`grid_merge` and :func:`pyramid_pool`.
+"""Argument checks shared by every backend of the ops, and the backend choice (:func:`choose_backend`).
 
 Each check raises ``TypeError`` (wrong kind of object) or ``ValueError`` (right kind,
 wrong value) whose message names the argument, what was given and what is accepted.
@@ -7,14 +7,17 @@ the Triton path reject exactly the same inputs.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from ._triton import HAVE_TRITON, triton_runs_on
 
 MODES = ("area", "bilinear")
 LAYOUTS = ("channel", "sequence")
 BACKENDS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the kernels load (fp32 math)
 
 Norm = Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
 
@@ -162,10 +165,30 @@ def resolve_backend(backend: str, device: torch.device, triton_ok: bool) -> str:
     return backend
 
 
-def triton_unavailable(device: torch.device, dtype: torch.dtype) -> str:
-    """Why ``backend='triton'`` cannot take these tensors, and what to do instead."""
-    if dtype == torch.float64:
-        return ("backend='triton' takes float16, bfloat16 or float32 tensors, got float64; "
-                "use backend='torch' for float64")
-    return (f"backend='triton' needs CUDA tensors (got {device}), or CPU tensors with "
-            "TRITON_INTERPRET=1 set before fusion is imported; use backend='torch' or 'auto'")
+def choose_backend(backend: str, kernel, tensors: Dict[str, torch.Tensor], limit: str = "") -> str:
+    """The path one call of an op takes, ``"triton"`` or ``"torch"``: one rule for every op.
+
+    ``tensors``: the call's inputs by argument name (the first one's device decides);
+    ``kernel``: one of the op's ``@triton.jit`` kernels; ``limit``: why the kernels cannot
+    take this shape ('' when they can). ``"auto"`` runs Triton for CUDA tensors in float16,
+    bfloat16 or float32 within the limits, PyTorch otherwise; ``"torch"`` runs PyTorch;
+    ``"triton"`` runs Triton or raises a ValueError that says why it cannot.
+    """
+    name, first = next(iter(tensors.items()))
+    be = resolve_backend(backend, first.device, HAVE_TRITON)
+    if be == "torch":
+        return be
+    bad = next(((n, t.dtype) for n, t in tensors.items() if t.dtype not in TRITON_DTYPES), None)
+    if bad:
+        why = (f"computes in fp32 from float16, bfloat16 or float32; {bad[0]} has dtype {bad[1]}: "
+               "use backend='torch'")
+    elif not triton_runs_on(kernel, first.device):
+        why = (f"needs CUDA tensors ({name} is on {first.device}), or CPU tensors with TRITON_INTERPRET=1 "
+               "set before fusion is imported; use backend='torch' or 'auto'")
+    elif limit:
+        why = f"cannot take this call: {limit}; use backend='torch' or 'auto' (which takes the PyTorch path)"
+    else:
+        return "triton"
+    if backend == "triton":
+        raise ValueError(f"backend='triton' {why}")
+    return "torch"

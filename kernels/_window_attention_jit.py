@@ -44,6 +44,25 @@ def _query_cells(band, Gh, Gw, BY: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
+def _band_program(Gh, Gw, heads, d, HD, BY: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+    """This program's band, batch item and head, its query cells (:func:`_query_cells`), the
+    head's channels, and where its ``[BM, BD]`` tile lies in a ``[B, Gh*Gw, HD]`` tensor: an
+    int64 batch offset plus int32 offsets inside the batch item (``M*HD < 2**31``), and a mask."""
+    band = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    head = bh % heads
+    y0, y1, m_idx, y, x, valid = _query_cells(band, Gh, Gw, BY, BM)
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < d
+    cols = head * d + offs_d
+    qb = b * (Gh * Gw) * HD
+    tile = m_idx[:, None] * HD + cols[None, :]
+    tmask = valid[:, None] & dmask[None, :]
+    return band, b, head, y0, y1, m_idx, y, x, valid, cols, dmask, qb, tile, tmask
+
+
+@triton.jit
 def _runs(runs_ptr, Gh, y, x, valid, y0, y1):
     """Each query cell's window as first row / column and row / column counts (unsigned: a
     key is inside when ``(kr - rlo) < nr`` and ``(kc - clo) < nc``, one compare per axis;
@@ -101,18 +120,9 @@ def _window_attention_fwd_kernel(
         BR2: tl.constexpr, BC2: tl.constexpr, BR3: tl.constexpr, BC3: tl.constexpr, OPD: tl.constexpr,
         PREC: tl.constexpr):
     """``o [B, Gh*Gw, HD]`` (normalised) and ``lse [B, heads, Gh*Gw]`` (natural log) of one band."""
-    band = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    head = bh % heads
-    M = Gh * Gw
-    y0, y1, m_idx, y, x, valid = _query_cells(band, Gh, Gw, BY, BM)
-    offs_d = tl.arange(0, BD)
-    dmask = offs_d < d
-    cols = head * d + offs_d
-    qb = b * M * HD  # int64 batch offset; offsets inside a batch item are int32 (M*HD < 2**31)
-    qmask = valid[:, None] & dmask[None, :]
-    q = tl.load(q_ptr + qb + m_idx[:, None] * HD + cols[None, :], mask=qmask, other=0.0).to(OPD)
+    band, b, head, y0, y1, m_idx, y, x, valid, cols, dmask, qb, tile, qmask = _band_program(
+        Gh, Gw, heads, d, HD, BY, BM, BD)
+    q = tl.load(q_ptr + qb + tile, mask=qmask, other=0.0).to(OPD)
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.full((BM,), 0.0, tl.float32)
     acc = tl.full((BM, BD), 0.0, tl.float32)
@@ -132,10 +142,9 @@ def _window_attention_fwd_kernel(
                                      runs_ptr + 6 * tab, w3, HD, cols, dmask, Gh, y, x, valid, y0, y1,
                                      qk_scale, BR3, BC3, OPD, PREC)
     l_safe = tl.where(valid, l_i, 1.0)
-    tl.store(o_ptr + qb + m_idx[:, None] * HD + cols[None, :], (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
-             mask=qmask)
+    tl.store(o_ptr + qb + tile, (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty), mask=qmask)
     lse = (m_i + tl.log2(l_safe)) * LN2
-    tl.store(lse_ptr + (b * heads + head) * M + m_idx, lse, mask=valid)
+    tl.store(lse_ptr + (b * heads + head) * (Gh * Gw) + m_idx, lse, mask=valid)
 
 
 @triton.jit
@@ -195,23 +204,14 @@ def _window_attention_bwd_kernel(
 
     ``seam_ptr``: ``[2, B, seam_tokens, HD]`` (dk partials, then dv; ``seam_kv`` elements
     apart); encoder ``e``'s slots start at token ``so_e``, ``sr_e`` rows per band boundary."""
-    band = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    head = bh % heads
-    M = Gh * Gw
-    y0, y1, m_idx, y, x, valid = _query_cells(band, Gh, Gw, BY, BM)
-    offs_d = tl.arange(0, BD)
-    dmask = offs_d < d
-    cols = head * d + offs_d
-    qb = b * M * HD  # int64 batch offset; offsets inside a batch item are int32 (M*HD < 2**31)
-    qmask = valid[:, None] & dmask[None, :]
-    q = tl.load(q_ptr + qb + m_idx[:, None] * HD + cols[None, :], mask=qmask, other=0.0).to(OPD)
-    do = tl.load(do_ptr + qb + m_idx[:, None] * HD + cols[None, :], mask=qmask, other=0.0)
-    o = tl.load(o_ptr + qb + m_idx[:, None] * HD + cols[None, :], mask=qmask, other=0.0)
+    band, b, head, y0, y1, m_idx, y, x, valid, cols, dmask, qb, tile, qmask = _band_program(
+        Gh, Gw, heads, d, HD, BY, BM, BD)
+    q = tl.load(q_ptr + qb + tile, mask=qmask, other=0.0).to(OPD)
+    do = tl.load(do_ptr + qb + tile, mask=qmask, other=0.0)
+    o = tl.load(o_ptr + qb + tile, mask=qmask, other=0.0)
     delta = tl.reduce(do.to(tl.float32) * o.to(tl.float32), 1, _sum_combine)
     do = do.to(OPD)
-    lse2 = tl.load(lse_ptr + (b * heads + head) * M + m_idx, mask=valid, other=0.0) * LOG2E
+    lse2 = tl.load(lse_ptr + (b * heads + head) * (Gh * Gw) + m_idx, mask=valid, other=0.0) * LOG2E
     dq = tl.full((BM, BD), 0.0, tl.float32)
     tab = Gh + Gw
     sb = seam_ptr + b * seam_tokens * HD
@@ -233,5 +233,4 @@ def _window_attention_bwd_kernel(
                           dk3_ptr + b * n3 * HD, dv3_ptr + b * n3 * HD, sb + so3 * HD, sb + seam_kv + so3 * HD,
                           runs_ptr + 6 * tab, w3, HD, cols, dmask, Gh, y, x, valid, y0, y1, band, sr3, qk_scale,
                           scale, BR3, BC3, OPD, PREC)
-    tl.store(dq_ptr + qb + m_idx[:, None] * HD + cols[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-             mask=qmask)
+    tl.store(dq_ptr + qb + tile, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qmask)

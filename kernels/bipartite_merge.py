@@ -52,7 +52,7 @@ from .bipartite_reference import (
 
 from ._bipartite_jit import _bipartite_match_kernel, _gather_merge_backward_kernel, _gather_merge_kernel
 from ._launch import Launch
-from ._triton import HAVE_TRITON, triton, triton_runs_on
+from ._triton import triton
 
 require_canonical(__name__)  # registering the fusion:: ops twice frees them under live handles
 
@@ -70,15 +70,13 @@ _MATCH_BLOCK_K = 32
 _MERGE_BLOCK_M = 16
 # Channels per merge program: 128 fp32 accumulators per row, 16x128 = 8 KiB per program.
 _MERGE_BLOCK_C = 128
-# dtypes the kernels load (they compute in fp32); fp64 stays on the reference path.
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ---------------------------------------------------------------------------- launchers
 def _match_triton(metric: torch.Tensor, block_a: int = _MATCH_BLOCK_A, block_b: int = _MATCH_BLOCK_B,
                   block_k: int = _MATCH_BLOCK_K) -> Tuple[torch.Tensor, torch.Tensor]:
     """``metric [B, N, Cm]`` (any strides) -> ``best [B, N_A]`` fp32, ``partner [B, N_A]`` int64."""
-    if metric.dim() != 3 or metric.dtype not in _TRITON_DTYPES:
+    if metric.dim() != 3 or metric.dtype not in V.TRITON_DTYPES:
         raise ValueError(f"metric must be a [B, N, Cm] float16/bfloat16/float32 tensor, got "
                          f"{tuple(metric.shape)} {metric.dtype}")
     for name, blk in (("block_a", block_a), ("block_b", block_b), ("block_k", block_k)):
@@ -286,18 +284,7 @@ def _check_common(x, metric, sizes, backend) -> str:
                              f"[{x.shape[0]}, {x.shape[1]}] like x's first two dims")
         if sizes.device != x.device:
             raise ValueError(f"sizes is on {sizes.device} but x is on {x.device}")
-    be = V.resolve_backend(backend, x.device, HAVE_TRITON)
-    if be == "triton":
-        bad = [(n, t.dtype) for n, t in (("x", x), ("metric", metric)) if t.dtype not in _TRITON_DTYPES]
-        if bad and backend == "auto":
-            return "torch"  # fp64 is computed exactly by the reference
-        if bad:
-            raise ValueError(f"backend='triton' computes in fp32; {bad[0][0]} has dtype {bad[0][1]}: "
-                             "use float16, bfloat16 or float32, or backend='torch'")
-        if not triton_runs_on(_bipartite_match_kernel, x.device):
-            raise ValueError(f"backend='triton' needs CUDA tensors (x is on {x.device}); use backend='torch' "
-                             "or 'auto' for CPU tensors")
-    return be
+    return V.choose_backend(backend, _bipartite_match_kernel, {"x": x, "metric": metric})
 
 
 def _check_int(name: str, value) -> int:

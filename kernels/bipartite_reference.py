@@ -1,4 +1,4 @@
-"""Pure-PyTorch bipartite soft matching (ToMe, Bolya et al. 2023): the CPU path and the baseline.
+"""Pure-PyTorch bipartite soft matching (ToMe, Bolya et al. 2023): the CPU path.
 
 One bipartite step on ``x [B, N, C]`` with similarity features ``metric [B, N, Cm]``:
 
@@ -21,17 +21,14 @@ output has ``N - r`` tokens. ``assignment [B, N]`` (int64) gives, for every inpu
 the output position it went into. ``r = 0`` is the identity (ToMe's early return): the
 input comes back unchanged and ``assignment = arange(N)``.
 
-Two implementations live here:
-
-- :func:`bipartite_merge_reference`: the path CPU users run. The ``N_A × N_B`` score
+- :func:`bipartite_merge_reference` is the path CPU users run. The ``N_A × N_B`` score
   matrix is never held: scores are computed block by block (``[B, rows, block_b]``
   chunks, ``_SCORE_CHUNK_ELEMS`` elements at most) with a running row max/argmax, the
   metric is never normalised into a full copy (inverse norms ``[B, N]`` scale each B
   chunk) and the merge adds weighted source rows into the output in bounded chunks of
   input tokens, in increasing input order (deterministic on CPU).
-- :func:`bipartite_merge_full`: the straightforward version a ToMe-style codebase writes
-  (normalise, one ``A @ Bᵀ`` product, ``argsort``, ``gather`` and ``scatter_reduce`` of
-  ``x * size``). It is the benchmark baseline for memory and time.
+- The straightforward full-matrix version, the benchmark baseline, is
+  :func:`fusion.kernels.naive.bipartite_merge_full`.
 
 Arguments are assumed validated (:func:`fusion.kernels.bipartite_merge` does that).
 """
@@ -175,47 +172,3 @@ def bipartite_merge_reference(x: torch.Tensor, metric: torch.Tensor, r: int,
     assignment = bipartite_assignment(best, partner, r, N)
     merged, merged_sizes = merge_by_assignment_reference(x, sizes, assignment, N - r)
     return merged, merged_sizes.to(out_dtype), assignment
-
-
-def bipartite_merge_full(x: torch.Tensor, metric: torch.Tensor, r: int,
-                         sizes: Optional[torch.Tensor] = None
-                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The straightforward full-matrix step (ToMe-style): same contract as :func:`bipartite_merge_reference`.
-
-    Materialises the normalised metric, the ``[B, N_A, N_B]`` score matrix and ``x * size``;
-    merges with ``scatter_reduce(sum)``. The benchmark baseline.
-    """
-    Bsz, N, C = x.shape
-    out_dtype = sizes.dtype if sizes is not None else torch.float32
-    if sizes is None:
-        sizes = torch.ones((Bsz, N), dtype=out_dtype, device=x.device)
-    if r == 0:
-        return x, sizes, torch.arange(N, device=x.device).expand(Bsz, N).clone()
-    cd = compute_dtype(x.dtype)
-    n_a, n_b = (N + 1) // 2, N // 2
-    n_unm = n_a - r
-    with torch.no_grad():
-        m = metric.to(compute_dtype(metric.dtype))
-        m = m / m.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-        scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)                   # [B, N_A, N_B]
-        node_max, node_idx = scores.max(dim=-1)                             # [B, N_A]
-        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)  # [B, N_A]
-        unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
-        dst_idx = node_idx.gather(1, src_idx)                               # [B, r]
-    s = sizes.detach().to(cd)
-    xs = x.to(cd) * s[..., None]                                            # [B, N, C]
-    src, dst = xs[:, 0::2], xs[:, 1::2]
-    unm = src.gather(1, unm_idx[..., None].expand(Bsz, n_unm, C))
-    picked = src.gather(1, src_idx[..., None].expand(Bsz, r, C))
-    dst = dst.scatter_reduce(1, dst_idx[..., None].expand(Bsz, r, C), picked, reduce="sum")
-    s_a, s_b = s[:, 0::2], s[:, 1::2]
-    size_out = torch.cat([s_a.gather(1, unm_idx), s_b.scatter_reduce(1, dst_idx, s_a.gather(1, src_idx),
-                                                                      reduce="sum")], dim=1)
-    merged = (torch.cat([unm, dst], dim=1) / size_out[..., None]).to(x.dtype)
-    assignment = torch.empty((Bsz, N), dtype=torch.int64, device=x.device)
-    a_out = torch.empty((Bsz, n_a), dtype=torch.int64, device=x.device)
-    a_out.scatter_(1, unm_idx, torch.arange(n_unm, device=x.device).expand(Bsz, n_unm))
-    a_out.scatter_(1, src_idx, dst_idx + n_unm)
-    assignment[:, 0::2] = a_out
-    assignment[:, 1::2] = torch.arange(n_unm, n_unm + n_b, device=x.device)
-    return merged, size_out.to(out_dtype), assignment

@@ -37,7 +37,6 @@ from ._launch import Launch, run_all
 from ._merge_plan import MAX_NORM_CHANNELS, MAXNREG, NUM_STAGES, bwd_plan, fits, fwd_plan
 from ._plan import axis_tables, dense_table, dot_precision, int_table, out_slices as _out_slices, sm_count, two_slots
 from ._grid_merge_jit import _grid_merge_bwd_kernel, _grid_merge_fwd_kernel
-from ._triton import HAVE_TRITON, triton_runs_on
 from .reference import grid_merge_reference
 
 require_canonical(__name__)  # registering the fusion:: ops twice frees them under live handles
@@ -280,18 +279,11 @@ def grid_merge(grids: Sequence[Tensor], size: Union[int, Tuple[int, int]], mode:
     norms = V.check_norms(norms, grids)
     eps = V.check_eps(eps)
     V.check_layout(layout, grids)
-    dev, dtype = grids[0].device, grids[0].dtype
-    ok = triton_runs_on(_grid_merge_fwd_kernel, dev) and dtype != torch.float64
-    be = V.resolve_backend(backend, dev, HAVE_TRITON)
-    if be == "triton" and not ok and backend == "triton":
-        raise ValueError(V.triton_unavailable(dev, dtype))
     wide = [i for i, (g, nm) in enumerate(zip(grids, norms)) if not _fits(g, nm, (H, W), mode)]
-    if wide and backend == "triton":
-        i = wide[0]
-        raise ValueError(f"grids[{i}] has {grids[i].shape[-1]} channels and a LayerNorm; the Triton kernel holds "
-                         f"up to {MAX_NORM_CHANNELS} ({mode} {tuple(grids[i].shape[1:3])} -> {(H, W)}, "
-                         "kernels/_merge_plan.py); use backend='torch' or 'auto' (which takes the PyTorch path)")
-    if be == "torch" or not ok or wide:  # "auto" falls back to PyTorch (float64, very wide LayerNorms)
+    limit = "" if not wide else (
+        f"grids[{wide[0]}] has {grids[wide[0]].shape[-1]} channels and a LayerNorm; the Triton kernel holds up "
+        f"to {MAX_NORM_CHANNELS} ({mode} {tuple(grids[wide[0]].shape[1:3])} -> {(H, W)}, kernels/_merge_plan.py)")
+    if V.choose_backend(backend, _grid_merge_fwd_kernel, {"grids[0]": grids[0]}, limit) == "torch":
         return grid_merge_reference(grids, (H, W), mode, norms, eps, layout)
     none = grids[0].new_empty(0)
     weights = [none if nm is None or nm[0] is None else nm[0] for nm in norms]

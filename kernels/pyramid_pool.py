@@ -24,7 +24,7 @@ from . import _validate as V
 from ._canonical import require_canonical
 from ._launch import Launch
 from ._plan import DOT_MIN, TILE_BUDGET, dot_precision, next_pow2, num_warps_for, pyramid_tables
-from ._triton import HAVE_TRITON, tl, triton, triton_runs_on
+from ._triton import tl, triton
 from .reference import pyramid_pool_reference
 
 require_canonical(__name__)  # registering the fusion:: ops twice frees them under live handles
@@ -60,15 +60,20 @@ def _level_columns(tab_ptr, KP: tl.constexpr):
 
 
 @triton.jit
-def _pyramid_fwd_kernel(x_ptr, out_ptr, tab_ptr, H, W, C, stb, stn, stc, sob, son, soc,
-                        KP: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
+def _program(tab_ptr, H, W, C, KP: tl.constexpr, BC: tl.constexpr):
+    """This program's batch item ``b`` (int64), ``H`` and ``W`` as int64 (no int32 overflow, no
+    overflow checks in the interpreter), its channels and their mask, and the level columns."""
     cb = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     lh, lw, xk, base, valid = _level_columns(tab_ptr, KP)
-    H = b * 0 + H  # int64 index math: no int32 overflow, no overflow checks in the interpreter
-    W = b * 0 + W
     offs_c = cb * BC + tl.arange(0, BC)
-    cmask = offs_c < C
+    return b, b * 0 + H, b * 0 + W, offs_c, offs_c < C, lh, lw, xk, base, valid
+
+
+@triton.jit
+def _pyramid_fwd_kernel(x_ptr, out_ptr, tab_ptr, H, W, C, stb, stn, stc, sob, son, soc,
+                        KP: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
+    b, H, W, offs_c, cmask, lh, lw, xk, base, valid = _program(tab_ptr, H, W, C, KP, BC)
     x_b = x_ptr + b * stb + offs_c.to(tl.int64)[None, :] * stc
     o_b = out_ptr + b * sob + offs_c.to(tl.int64)[None, :] * soc
     stn64 = b * 0 + stn
@@ -104,13 +109,7 @@ def _pyramid_fwd_kernel(x_ptr, out_ptr, tab_ptr, H, W, C, stb, stn, stc, sob, so
 @triton.jit
 def _pyramid_bwd_kernel(g_ptr, dx_ptr, tab_ptr, H, W, C, sgb, sgn, sgc, sdb, sdn, sdc,
                         KP: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
-    cb = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    lh, lw, xk, base, valid = _level_columns(tab_ptr, KP)
-    H = b * 0 + H  # int64 index math: no int32 overflow, no overflow checks in the interpreter
-    W = b * 0 + W
-    offs_c = cb * BC + tl.arange(0, BC)
-    cmask = offs_c < C
+    b, H, W, offs_c, cmask, lh, lw, xk, base, valid = _program(tab_ptr, H, W, C, KP, BC)
     g_b = g_ptr + b * sgb + offs_c.to(tl.int64)[None, :] * sgc
     d_b = dx_ptr + b * sdb + offs_c.to(tl.int64)[None, :] * sdc
     sdn64 = b * 0 + sdn
@@ -270,11 +269,6 @@ def pyramid_pool(tokens: Tensor, grid: Union[int, Tuple[int, int]],
     H, W = V.check_size("grid", grid)
     V.check_tokens(tokens, (H, W))
     lv = V.check_levels(levels, (H, W))
-    dev, dtype = tokens.device, tokens.dtype
-    ok = triton_runs_on(_pyramid_fwd_kernel, dev) and dtype != torch.float64
-    be = V.resolve_backend(backend, dev, HAVE_TRITON)
-    if be == "triton" and not ok and backend == "triton":
-        raise ValueError(V.triton_unavailable(dev, dtype))
-    if be == "torch" or not ok:  # "auto" falls back to PyTorch (e.g. float64 on CUDA)
+    if V.choose_backend(backend, _pyramid_fwd_kernel, {"tokens": tokens}) == "torch":
         return pyramid_pool_reference(tokens, (H, W), lv)
     return _pyramid_op(tokens, H, W, [v for pair in lv for v in pair])

@@ -1,22 +1,16 @@
-"""Pure-PyTorch reference of every op in ``fusion.kernels``: the CPU path and the oracle.
+"""The PyTorch path of :func:`grid_merge` and :func:`pyramid_pool`: what CPU users run (and
+``backend="torch"``, and ``"auto"`` where the kernels cannot take a call).
 
-Two flavours live here:
-
-- ``grid_merge_reference`` / ``pyramid_pool_reference``: the path CPU users run. Grids
-  stay channels-last and go through ATen's channels-last pooling / bilinear kernels
-  (one pass, no transposes), the LayerNorm runs on the ``[B, H*W, C]`` result, each
-  grid is written into its slice of the output, identity resizes cost nothing.
-- ``naive_grid_merge`` / ``naive_pyramid_pool``: the sequence a VLM codebase writes by
-  hand (Eagle-style: transpose to NCHW, upcast, ``F.interpolate`` /
-  ``F.adaptive_avg_pool2d``, transpose back, ``F.layer_norm``, ``torch.cat``). It shares
-  no code with the rest of the package, which makes it the independent test oracle and
-  the benchmark baseline.
+``grid_merge_reference`` / ``pyramid_pool_reference``: grids stay channels-last and go
+through ATen's channels-last pooling / bilinear kernels (one pass, no transposes), the
+LayerNorm runs on the ``[B, H*W, C]`` result, each grid is written into its slice of the
+output, identity resizes cost nothing. The independent test oracles are in :mod:`.naive`.
 
 Arguments are assumed validated (the public functions in ``fusion.kernels`` do that).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -141,43 +135,3 @@ def pyramid_pool_reference(tokens: torch.Tensor, grid: Tuple[int, int],
     parts = [outs[lv].reshape(B, lv[0] * lv[1], C) for lv in levels]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return out.to(tokens.dtype)
-
-
-# --------------------------------------------------------------------------------------
-# The naive, hand-written sequence: independent oracle and benchmark baseline.
-# --------------------------------------------------------------------------------------
-
-def naive_grid_merge(grids: Sequence[torch.Tensor], size: Tuple[int, int], mode: str = "area",
-                     norms: Optional[Sequence[Norm]] = None, eps: float = 1e-5,
-                     layout: str = "channel") -> torch.Tensor:
-    """Eagle-style merge: NCHW copy, upcast, interpolate/pool, back to tokens, LN, cat."""
-    H, W = size
-    norms = [None] * len(grids) if norms is None else norms
-    outs: List[torch.Tensor] = []
-    for x, norm in zip(grids, norms):
-        B, _, _, C = x.shape
-        up = torch.float64 if x.dtype == torch.float64 else torch.float32
-        nchw = x.permute(0, 3, 1, 2).contiguous().to(up)  # [B, C, h, w]
-        if mode == "area":
-            r = F.adaptive_avg_pool2d(nchw, (H, W))
-        else:
-            r = F.interpolate(nchw, size=(H, W), mode="bilinear", align_corners=False)
-        tok = r.flatten(2).transpose(1, 2)  # [B, H*W, C]
-        if norm is not None:
-            wt, bs = norm
-            tok = F.layer_norm(tok, (C,), None if wt is None else wt.to(up),
-                               None if bs is None else bs.to(up), eps)
-        outs.append(tok.to(x.dtype))
-    return torch.cat(outs, dim=-1 if layout == "channel" else 1)
-
-
-def naive_pyramid_pool(tokens: torch.Tensor, grid: Tuple[int, int],
-                       levels: Sequence[Tuple[int, int]]) -> torch.Tensor:
-    """One ``F.adaptive_avg_pool2d`` per level on an NCHW copy, then ``torch.cat``."""
-    B, _, C = tokens.shape
-    H, W = grid
-    up = torch.float64 if tokens.dtype == torch.float64 else torch.float32
-    nchw = tokens.transpose(1, 2).reshape(B, C, H, W).to(up)
-    outs = [F.adaptive_avg_pool2d(nchw, lv).flatten(2).transpose(1, 2) for lv in levels]
-    return torch.cat(outs, dim=1).to(tokens.dtype)
-from .bipartite_reference import bipartite_merge_full, bipartite_merge_reference  # noqa: F401,E402

@@ -19,8 +19,8 @@ launcher): deterministic, no atomics. More than ``MAX_SLOTS`` encoders run as se
 launches combined by their log-sum-exp.
 
 Launch parameters (:func:`window_plan`, :func:`launch_grid`) are a pure function of the
-shapes and dtype, separate from the launches, so a compile report can build every
-variant ahead of time.
+shapes and dtype; every launch is a :class:`._launch.Launch`, and :func:`compile_launches`
+builds the ones a call makes on a GPU for the compile report (``benchmarks/compile_report.py``).
 """
 from __future__ import annotations
 
@@ -34,14 +34,16 @@ from torch import Tensor
 
 from . import _validate as V
 from ._canonical import require_canonical
+from ._launch import Launch, run_all
 from ._plan import DOT_MIN, next_pow2
-from ._triton import HAVE_TRITON, tl, triton_runs_on
+from ._triton import tl
 from ._window_attention_jit import _window_attention_bwd_kernel, _window_attention_fwd_kernel
 from .window_attention_reference import window_attention_reference, window_attention_reference_backward
 from .windows import WindowTable, area_windows, check_windows
 
 require_canonical(__name__)  # registering the fusion:: ops twice frees them under live handles
 
+LOG2E = 1.4426950408889634  # the kernels take exp2 of scores pre-scaled by log2(e)
 MAX_SLOTS = 4       # encoders per launch (the kernels unroll this many pointer slots)
 MAX_HEAD_DIM = 256  # a [query tile, 256] fp32 accumulator is already past the register file
 # Left to itself, ptxas trims a kernel to 80 or 128 registers to fit more programs per SM
@@ -50,7 +52,7 @@ MAX_HEAD_DIM = 256  # a [query tile, 256] fp32 accumulator is already past the r
 MAX_REGISTERS = 255
 # (query cells per program, keys per chunk, warps) per pass and operand width: the largest
 # tiles that ptxas compiles without spills for sm_80, sm_86 and sm_90 at the vsre shapes
-# (benchmarks/compile_sva.py). fp32 operands multiply on CUDA cores, whose dot layouts hold
+# (benchmarks/compile_report.py). fp32 operands multiply on CUDA cores, whose dot layouts hold
 # whole operand rows per thread, hence the smaller key chunks; the backward holds q, dO,
 # dq and p, ds, dk, dv per chunk, hence the smaller query tile.
 TILES = {("fwd", 2): (128, 32, 8), ("fwd", 4): (64, 16, 8),
@@ -163,52 +165,8 @@ def launch_grid(plan: PassPlan, batch: int, heads: int) -> Tuple[int, int]:
     return plan.n_bands, batch * heads
 
 
-_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def compile_specs(size: Tuple[int, int], grids: Tuple[Tuple[int, int], ...], heads: int, head_dim: int,
-                  dtype: torch.dtype) -> List[dict]:
-    """Every kernel variant one call of this shape launches (forward and backward, one per
-    group of ``MAX_SLOTS`` encoders), for ahead-of-time compiles: dicts with ``name``,
-    ``kernel``, ``signature`` (argument -> Triton type), ``constexprs`` (argument -> value)
-    and the compile options ``num_warps``, ``num_stages``, ``maxnreg``::
-
-        triton.compile(ASTSource(s["kernel"], s["signature"], s["constexprs"]), target=GPUTarget(...),
-                       options={k: s[k] for k in ("num_warps", "num_stages", "maxnreg")})
-    """
-    plan = window_plan(tuple(size), tuple(grids), head_dim, dtype)
-    win = area_windows(grids, size)
-    opd, prec = operands(dtype, "cuda")
-    specs = []
-    groups = _slot_groups(len(grids))
-    for gi, g in enumerate(groups):
-        for name, kernel, ps in (("fwd", _window_attention_fwd_kernel, plan.fwd),
-                                 ("bwd", _window_attention_bwd_kernel, plan.bwd)):
-            consts = dict(**_shape_consts(win, g, plan, head_dim, heads, name), OPD=opd, PREC=prec)
-            specs.append(dict(name=f"window_attention_{name}" + (f" group {gi}" if len(groups) > 1 else ""),
-                              kernel=kernel, signature=_signature(kernel, consts, dtype, name, len(groups) > 1),
-                              constexprs=consts, num_warps=ps.warps, num_stages=plan.num_stages,
-                              maxnreg=plan.maxnreg))
-    return specs
-
-
-def _signature(kernel, consts: dict, dtype: torch.dtype, which: str, grouped: bool) -> dict:
-    """Triton argument types of one launch: tensors in ``dtype``, the log-sum-exp fp32, the run
-    table int32; with several encoder groups the partial outputs / dq are fp32."""
-    t = "*" + _TRITON_TYPES[dtype]
-    special = {"lse_ptr": "*fp32", "runs_ptr": "*i32", "qk_scale": "fp32", "scale": "fp32",
-               "dq_ptr": "*fp32" if grouped else t, "o_ptr": "*fp32" if grouped and which == "fwd" else t}
-    return {arg: "constexpr" if arg in consts else special.get(arg, t if arg.endswith("_ptr") else "i32")
-            for arg in kernel.arg_names}
-
-
-def _regs(t: Tensor, plan: WindowPlan) -> dict:
-    """``maxnreg`` for CUDA launches (the interpreter takes no register options)."""
-    return {"maxnreg": plan.maxnreg} if t.device.type == "cuda" else {}
-
-
-def _operand_consts(t: Tensor) -> dict:
-    opd, prec = operands(t.dtype, t.device)
+def _operand_consts(dtype: torch.dtype, cuda: bool) -> dict:
+    opd, prec = operands(dtype, "cuda" if cuda else "cpu")
     return dict(OPD=opd, PREC=prec)
 
 
@@ -239,63 +197,120 @@ def _shape_consts(win: WindowTable, g: Sequence[int], plan: WindowPlan, d: int, 
 # Launchers
 # --------------------------------------------------------------------------------------
 
-def window_attention_forward(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor], win: WindowTable,
-                             heads: int, scale: float) -> Tuple[Tensor, Tensor]:
-    """Triton forward: ``(out [B, M, HD] in q's dtype, lse [B, heads, M] fp32)``."""
+def _on_gpu(t: Tensor, cuda: Optional[bool]) -> bool:
+    """Whether launches on ``t`` get a CUDA launch's specialisation (``cuda=None``: ``t``'s device)."""
+    return t.device.type == "cuda" if cuda is None else bool(cuda)
+
+
+def forward_launches(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor], win: WindowTable, heads: int,
+                     scale: float, cuda: Optional[bool] = None) -> Tuple[List[Tensor], List[Tensor], List[Launch]]:
+    """``(outs, lses, launches)``: per group of ``MAX_SLOTS`` encoders an output ``[B, M, HD]``
+    (q's dtype, fp32 partials when there are several groups) and log-sum-exp ``[B, heads, M]``
+    fp32, allocated, not yet written, and the launch that writes them.
+
+    ``cuda``: build the launches a CUDA device runs (tensor-core operands for bf16, ``maxnreg``)
+    whatever ``q``'s device (None: as ``q``'s device asks), so CPU tensors give the compile
+    report the exact GPU specialisation. Inputs must be contiguous.
+    """
     B, M, HD = q.shape
     d = HD // heads
     plan = window_plan(win.size, win.grids, d, q.dtype)
-    q = q.contiguous()
-    keys, values = [k.contiguous() for k in keys], [v.contiguous() for v in values]
+    gpu = _on_gpu(q, cuda)
     runs = win.runs_table(q.device)
     groups = _slot_groups(len(keys))
-    outs, lses = [], []
+    outs, lses, launches = [], [], []
     for g in groups:
         out = torch.empty(B, M, HD, device=q.device, dtype=q.dtype if len(groups) == 1 else torch.float32)
         lse = torch.empty(B, heads, M, device=q.device, dtype=torch.float32)
         ptrs = [t for i in g for t in (keys[i], values[i])]
         ptrs += ptrs[:2] * (MAX_SLOTS - len(g))  # unused slots: never read
-        _window_attention_fwd_kernel[launch_grid(plan.fwd, B, heads)](
-            q, out, lse, runs[g[0]:], *ptrs, scale * 1.4426950408889634,
-            **_shape_consts(win, g, plan, d, heads, "fwd"), **_operand_consts(q),
-            num_warps=plan.fwd.warps, num_stages=plan.num_stages, **_regs(q, plan))
+        launches.append(Launch(
+            "window_attention.fwd", _window_attention_fwd_kernel, launch_grid(plan.fwd, B, heads),
+            (q, out, lse, runs[g[0]:], *ptrs, scale * LOG2E),
+            dict(**_shape_consts(win, g, plan, d, heads, "fwd"), **_operand_consts(q.dtype, gpu)),
+            plan.fwd.warps, plan.num_stages, plan.maxnreg if gpu else None))
         outs.append(out)
         lses.append(lse)
-    if len(groups) == 1:
+    return outs, lses, launches
+
+
+def window_attention_forward(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor], win: WindowTable,
+                             heads: int, scale: float) -> Tuple[Tensor, Tensor]:
+    """Triton forward: ``(out [B, M, HD] in q's dtype, lse [B, heads, M] fp32)``."""
+    B, M, HD = q.shape
+    q = q.contiguous()
+    keys, values = [k.contiguous() for k in keys], [v.contiguous() for v in values]
+    outs, lses, launches = forward_launches(q, keys, values, win, heads, scale)
+    run_all(launches)
+    if len(outs) == 1:
         return outs[0], lses[0]
     # several launches: out = sum_g exp(lse_g - lse) out_g, lse = logsumexp_g lse_g
     lse = torch.logsumexp(torch.stack(lses), 0)
-    out = sum(o.view(B, M, heads, d) * torch.exp(l - lse).transpose(1, 2)[..., None] for o, l in zip(outs, lses))
+    out = sum(o.view(B, M, heads, HD // heads) * torch.exp(l - lse).transpose(1, 2)[..., None]
+              for o, l in zip(outs, lses))
     return out.reshape(B, M, HD).to(q.dtype), lse
+
+
+def backward_launches(grad: Tensor, q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor], out: Tensor,
+                      lse: Tensor, win: WindowTable, heads: int, scale: float, cuda: Optional[bool] = None):
+    """``(dqs, dks, dvs, seam, launches)``: buffers allocated, not yet written, and the launches
+    (one per group of ``MAX_SLOTS`` encoders) that write them; ``cuda`` as in
+    :func:`forward_launches`. ``seam [2, B, seam_tokens, HD]`` holds each band's partial dk / dv
+    of the key rows it shares with the previous band (:func:`_add_seams`). Inputs must be
+    contiguous."""
+    B, M, HD = q.shape
+    d = HD // heads
+    plan = window_plan(win.size, win.grids, d, q.dtype)
+    gpu = _on_gpu(q, cuda)
+    dks = [torch.empty_like(k) for k in keys]
+    dvs = [torch.empty_like(v) for v in values]
+    seam = torch.empty(2, B, plan.seam_tokens, HD, device=q.device, dtype=keys[0].dtype)
+    runs = win.runs_table(q.device)
+    groups = _slot_groups(len(keys))
+    dqs, launches = [], []
+    for g in groups:
+        dq = torch.empty(B, M, HD, device=q.device, dtype=q.dtype if len(groups) == 1 else torch.float32)
+        ptrs = [t for i in g for t in (keys[i], values[i], dks[i], dvs[i])]
+        ptrs += ptrs[:4] * (MAX_SLOTS - len(g))
+        launches.append(Launch(
+            "window_attention.bwd", _window_attention_bwd_kernel, launch_grid(plan.bwd, B, heads),
+            (q, out, grad, lse, dq, runs[g[0]:], seam if seam.numel() else q, B * plan.seam_tokens * HD,
+             *ptrs, scale * LOG2E, scale),
+            dict(**_shape_consts(win, g, plan, d, heads, "bwd"), **_operand_consts(q.dtype, gpu)),
+            plan.bwd.warps, plan.num_stages, plan.maxnreg if gpu else None))
+        dqs.append(dq)
+    return dqs, dks, dvs, seam, launches
 
 
 def window_attention_backward(grad: Tensor, q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor],
                               out: Tensor, lse: Tensor, win: WindowTable, heads: int,
                               scale: float) -> List[Tensor]:
     """Triton backward: ``[dq] + [dk_i...] + [dv_i...]`` in the inputs' dtypes."""
-    B, M, HD = q.shape
-    d = HD // heads
-    plan = window_plan(win.size, win.grids, d, q.dtype)
     q, grad, out, lse = q.contiguous(), grad.contiguous(), out.contiguous(), lse.contiguous()
     keys, values = [k.contiguous() for k in keys], [v.contiguous() for v in values]
-    dks = [torch.empty_like(k) for k in keys]
-    dvs = [torch.empty_like(v) for v in values]
-    seam = torch.empty(2, B, plan.seam_tokens, HD, device=q.device, dtype=keys[0].dtype)
-    runs = win.runs_table(q.device)
-    groups = _slot_groups(len(keys))
-    dqs = []
-    for g in groups:
-        dq = torch.empty(B, M, HD, device=q.device, dtype=q.dtype if len(groups) == 1 else torch.float32)
-        ptrs = [t for i in g for t in (keys[i], values[i], dks[i], dvs[i])]
-        ptrs += ptrs[:4] * (MAX_SLOTS - len(g))
-        _window_attention_bwd_kernel[launch_grid(plan.bwd, B, heads)](
-            q, out, grad, lse, dq, runs[g[0]:], seam if seam.numel() else q, B * plan.seam_tokens * HD,
-            *ptrs, scale * 1.4426950408889634, scale, **_shape_consts(win, g, plan, d, heads, "bwd"),
-            **_operand_consts(q), num_warps=plan.bwd.warps, num_stages=plan.num_stages, **_regs(q, plan))
-        dqs.append(dq)
+    dqs, dks, dvs, seam, launches = backward_launches(grad, q, keys, values, out, lse, win, heads, scale)
+    run_all(launches)
+    plan = window_plan(win.size, win.grids, q.shape[-1] // heads, q.dtype)
     _add_seams(dks, dvs, seam, plan, win)
     dq = dqs[0] if len(dqs) == 1 else sum(dqs).to(q.dtype)
     return [dq] + dks + dvs
+
+
+def compile_launches(size: Tuple[int, int], grids: Sequence[Tuple[int, int]], heads: int, head_dim: int,
+                     dtype: torch.dtype, batch: int) -> List[Launch]:
+    """The launches one ``window_attention`` call (forward and backward) of a ``size`` query grid
+    over ``grids``, ``heads`` x ``head_dim``, makes on a CUDA device, built on CPU tensors for
+    ``benchmarks/compile_report.py`` (nothing runs)."""
+    win = area_windows([tuple(g) for g in grids], tuple(size))
+    HD = heads * head_dim
+    q = torch.empty(batch, win.num_queries, HD, dtype=dtype)
+    keys = [torch.empty(batch, win.tokens(i), HD, dtype=dtype) for i in range(len(win.grids))]
+    values = [torch.empty_like(k) for k in keys]
+    outs, lses, launches = forward_launches(q, keys, values, win, heads, head_dim ** -0.5, cuda=True)
+    out = outs[0] if len(outs) == 1 else torch.empty_like(q)
+    launches += backward_launches(torch.empty_like(q), q, keys, values, out, lses[0], win, heads,
+                                  head_dim ** -0.5, cuda=True)[4]
+    return launches
 
 
 def _add_seams(dks: List[Tensor], dvs: List[Tensor], seam: Tensor, plan: WindowPlan, win: WindowTable) -> None:
@@ -445,16 +460,8 @@ def window_attention(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor]
         scale = 1.0 / math.sqrt(d)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"scale={scale!r} must be a positive float (or None for 1/sqrt(d))")
-    dev, dtype = q.device, q.dtype
-    ok = triton_runs_on(_window_attention_fwd_kernel, dev) and dtype != torch.float64
-    be = V.resolve_backend(backend, dev, HAVE_TRITON)
-    if be == "triton" and not ok and backend == "triton":
-        raise ValueError(V.triton_unavailable(dev, dtype))
-    too_big = _beyond_kernel_limits(win, q.shape[-1])
-    if be == "triton" and too_big and backend == "triton":
-        raise ValueError(f"backend='triton': {too_big}; use backend='torch' or 'auto'")
-    ok = ok and not too_big
+    be = V.choose_backend(backend, _window_attention_fwd_kernel, {"q": q}, _beyond_kernel_limits(win, q.shape[-1]))
     grids = [v for g in win.grids for v in g]
     out, _ = _window_attention_op(q, list(keys), list(values), grids, win.size[0], win.size[1], heads,
-                                  float(scale), be == "triton" and ok)
+                                  float(scale), be == "triton")
     return out

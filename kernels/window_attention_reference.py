@@ -1,4 +1,4 @@
-"""PyTorch paths of :func:`fusion.kernels.window_attention`: the CPU path and the naive oracle.
+"""The PyTorch path of :func:`fusion.kernels.window_attention` (its oracle is in :mod:`.naive`).
 
 - :func:`window_attention_reference` / :func:`window_attention_reference_backward`: what
   runs on the CPU (and for ``backend="torch"``). Tensors are laid out per head once
@@ -9,11 +9,6 @@
   recomputes the probabilities from the saved log-sum-exp and scatters the key / value
   gradients back with ``index_add_``. Memory stays at a step's gather whatever the
   batch; computes in fp32 (fp64 for fp64 inputs).
-- :func:`naive_window_attention`: the test oracle, sharing no code with the rest: the
-  window mask of every query cell over all tokens, derived from ATen's own
-  ``F.adaptive_avg_pool2d`` (an input token is in a cell's window when pooling gives it
-  a non-zero weight there), then dense masked softmax attention. Differentiable
-  (autograd), in the inputs' dtype (the tests use fp64).
 
 Layouts: ``q [B, Gh*Gw, heads*d]``; ``keys[i]``, ``values[i]`` ``[B, h_i*w_i, heads*d]``
 (row-major grids); output ``[B, Gh*Gw, heads*d]``, ``lse [B, heads, Gh*Gw]``. Arguments
@@ -24,7 +19,6 @@ from __future__ import annotations
 from typing import List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .windows import WindowTable
 
@@ -122,26 +116,3 @@ def window_attention_reference_backward(grad: torch.Tensor, q: torch.Tensor, key
         return t.transpose(1, 2).reshape(like.shape).to(like.dtype)
 
     return [back(dq, q)] + [back(g, k) for g, k in zip(dkh, keys)] + [back(g, v) for g, v in zip(dvh, values)]
-
-
-def _window_mask(grid: Tuple[int, int], size: Tuple[int, int], device) -> torch.Tensor:
-    """bool ``[Gh*Gw, h*w]``: token ``t`` is in cell ``m``'s window when ATen's adaptive average
-    pooling gives it a non-zero weight in output cell ``m``."""
-    h, w = grid
-    basis = torch.eye(h * w, dtype=torch.float64, device=device).view(h * w, 1, h, w)
-    weights = F.adaptive_avg_pool2d(basis, size).view(h * w, -1)  # [tokens, cells]
-    return (weights > 0).t()
-
-
-def naive_window_attention(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
-                           grids: Sequence[Tuple[int, int]], size: Tuple[int, int], heads: int,
-                           scale: float) -> torch.Tensor:
-    """Dense masked attention over every encoder's tokens: ``[B, Gh*Gw, heads*d]``, differentiable."""
-    B, M, HD = q.shape
-    k = torch.cat(list(keys), 1).view(B, -1, heads, HD // heads).transpose(1, 2)   # [B, H, N, d]
-    v = torch.cat(list(values), 1).view(B, -1, heads, HD // heads).transpose(1, 2)
-    mask = torch.cat([_window_mask(g, size, q.device) for g in grids], 1)         # [M, N]
-    qh = q.view(B, M, heads, -1).transpose(1, 2)
-    s = (qh @ k.transpose(-1, -2)) * scale
-    s = s.masked_fill(~mask, float("-inf"))
-    return (s.softmax(-1) @ v).transpose(1, 2).reshape(B, M, HD)

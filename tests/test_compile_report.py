@@ -42,10 +42,11 @@ def _check(rows, log):
 
 
 def test_subset_compiles_for_sm90_and_sm86(tmp_path):
-    rows, log = _report(tmp_path, "--subset", "--targets", "90,86")
+    rows, log = _report(tmp_path, "--subset", "--targets", "90,86", "--dtypes", "float16,bfloat16")
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"grid_merge.fwd", "grid_merge.bwd", "pyramid_pool.fwd", "pyramid_pool.bwd",
-                       "bipartite.match", "bipartite.gather_merge", "bipartite.gather_merge_bwd"}, kernels
+                       "bipartite.match", "bipartite.gather_merge", "bipartite.gather_merge_bwd",
+                       "window_attention.fwd", "window_attention.bwd"}, kernels
     assert {(r["arch"], r["dtype"]) for r in rows} == {(a, d) for a in ("sm_90", "sm_86")
                                                        for d in ("float16", "bfloat16")}
     _check(rows, log)

@@ -19,20 +19,10 @@ from hypothesis import strategies as st
 
 import fusion.kernels  # noqa: F401
 from fusion.kernels import grid_merge, naive_grid_merge
+from kernel_asserts import assert_close
 
 GM = sys.modules["fusion.kernels.grid_merge"]  # the module (the package binds the function)
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-
-
-def assert_close(got, want, tol, what="", slack=0.0):
-    """``|got - want| <= (tol + slack) * max(1, |want|)`` everywhere."""
-    err = (got.double() - want.double()).abs()
-    scale = max(1.0, want.double().abs().max().item())
-    worst = err.max().item()
-    idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
-    assert worst <= (tol + slack) * scale, (
-        f"{what}: worst |diff| {worst:.3e} at {idx} (got {got.double()[idx].item():.6g}, "
-        f"want {want.double()[idx].item():.6g}), tolerance ({tol:g} + {slack:.3g}) x {scale:.3g}")
 
 
 def layernorm_slack(ref_in, specs, size, mode, norms):

@@ -10,18 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fusion.kernels import pyramid_pool
+from kernel_asserts import assert_close
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-
-
-def assert_close(got, want, tol, what=""):
-    err = (got.double() - want.double()).abs()
-    scale = max(1.0, want.double().abs().max().item())
-    worst = err.max().item()
-    idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
-    assert worst <= tol * scale, (f"{what}: worst |diff| {worst:.3e} at {idx} "
-                                  f"(got {got.double()[idx].item():.6g}, want {want.double()[idx].item():.6g}), "
-                                  f"tolerance {tol:g} x {scale:.3g}")
 
 
 def _pooled(t, grid, levels):

@@ -16,16 +16,7 @@ from fusion.kernels import (
     pyramid_pool,
     pyramid_pool_reference,
 )
-
-
-def assert_close(got, want, tol, what=""):
-    err = (got.double() - want.double()).abs()
-    scale = max(1.0, want.double().abs().max().item())
-    worst = err.max().item()
-    idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0]) if err.numel() else ()
-    assert worst <= tol * scale, (f"{what}: worst |diff| {worst:.3e} at {idx} "
-                                  f"(got {got.double()[idx].item():.6g}, want {want.double()[idx].item():.6g}), "
-                                  f"tolerance {tol:g} x {scale:.3g}")
+from kernel_asserts import assert_close
 
 
 def _plain(grids, size, mode, norms, eps=1e-5, layout="channel"):

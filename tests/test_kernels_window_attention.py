@@ -17,20 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fusion.kernels import area_windows, naive_window_attention, window_attention
+from kernel_asserts import assert_close
 
 WA = sys.modules["fusion.kernels.window_attention"]
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float64: 1e-10}
-
-
-def assert_close(got, want, tol, what=""):
-    err = (got.double() - want.double()).abs()
-    scale = max(1.0, want.double().abs().max().item())
-    worst = err.max().item()
-    idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
-    assert worst <= tol * scale, (f"{what}: worst |diff| {worst:.3e} at {idx} "
-                                  f"(got {got.double()[idx].item():.6g}, want {want.double()[idx].item():.6g}), "
-                                  f"tolerance {tol:g} x {scale:.3g}")
 
 
 def check(grids, size, B=2, heads=2, d=16, dtype=torch.float32, backend="triton", strided=False, scale=None):
@@ -130,6 +121,31 @@ def test_backward_is_deterministic_and_backends_agree():
         assert torch.equal(a, b)  # bit for bit: no atomics
     for a, b in zip(runs[0], runs[2]):
         assert_close(a, b, 1e-5, "triton vs torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compile_launches_are_the_gpu_launches(dtype):
+    """What the compile report compiles is what a CUDA launch runs: the same kernels, grids,
+    arguments and constexprs as the launches the interpreter runs here, except the operands
+    (bf16 multiplies in bf16 on tensor cores; the interpreter needs fp32) and the register cap."""
+    grids, size, heads, d, B = ((24, 24), (27, 27), (64, 64), (24, 24), (5, 7)), (24, 24), 2, 64, 3
+    gpu = WA.compile_launches(size, grids, heads, d, dtype, B)
+    win = area_windows(grids, size)
+    q = torch.empty(B, win.num_queries, heads * d, dtype=dtype)
+    ks = [torch.empty(B, win.tokens(i), heads * d, dtype=dtype) for i in range(len(grids))]
+    outs, lses, here = WA.forward_launches(q, ks, ks, win, heads, d ** -0.5)
+    here += WA.backward_launches(q, q, ks, ks, outs[0], lses[0], win, heads, d ** -0.5)[4]
+    assert [g.label for g in gpu] == ["window_attention.fwd"] * 2 + ["window_attention.bwd"] * 2
+    want_opd = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    for g, h in zip(gpu, here):
+        assert (g.kernel, g.grid, g.num_warps, g.num_stages) == (h.kernel, h.grid, h.num_warps, h.num_stages)
+        assert [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in g.args] == \
+            [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in h.args]
+        assert {k: v for k, v in g.constexprs.items() if k not in ("OPD", "PREC")} == \
+            {k: v for k, v in h.constexprs.items() if k not in ("OPD", "PREC")}
+        assert str(g.constexprs["OPD"]) == want_opd and g.maxnreg == WA.MAX_REGISTERS and h.maxnreg is None
+        assert g.constexprs["PREC"] == "ieee"
+    assert str(here[0].constexprs["OPD"]) == "fp32"
 
 
 def _aten_runs(n_in, n_out):
