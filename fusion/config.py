@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from .config_files import read_config_file
+from .suggest import did_you_mean
 from .config_values import (arch_mapping, boolean, choice, int_list, integer, layer, nonempty_str, optional_str,
                             pad_color, positive_float)
 
@@ -199,8 +199,7 @@ def _load_raw(source: ConfigSource) -> Dict[str, Any]:
         return read_config_file(path)
     if text in list_presets():
         return read_config_file(PRESET_DIR / f"{text}.yaml")
-    close = difflib.get_close_matches(text, list_presets(), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = did_you_mean(text, list_presets())
     raise ValueError(
         f"source: {text!r} is neither a preset{hint} nor a .yaml/.yml/.json file; "
         f"presets are {list_presets()}"
@@ -328,9 +327,7 @@ def _check_reduce(fusion: FusionConfig, encoder_names: List[str]) -> None:
                          + f"); keep must be between 1 and {n_tokens}")
     choices = ["fused", *encoder_names]
     if red.metric not in choices:
-        close = difflib.get_close_matches(str(red.metric), choices, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"fusion.reduce.metric: got {red.metric!r}{hint}; accepted values are {choices} "
+        raise ValueError(f"fusion.reduce.metric: got {red.metric!r}{did_you_mean(red.metric, choices)}; accepted values are {choices} "
                          f"('fused' or an encoder name)")
     if red.metric != "fused" and fusion.combine == "sequence_concat":
         raise ValueError(f"fusion.reduce.metric: an encoder metric ({red.metric!r}) gives one feature per grid "
@@ -343,9 +340,7 @@ def _check_pad_color(processor: ProcessorConfig, encoder_names: List[str]) -> No
     value = processor.pad_color
     choices = ["per_encoder", *encoder_names]
     if isinstance(value, str) and value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"processor.pad_color: got {value!r}{hint}; accepted values are {choices} "
+        raise ValueError(f"processor.pad_color: got {value!r}{did_you_mean(value, choices)}; accepted values are {choices} "
                          f"(an encoder name uses that encoder's mean colour for all) or [R, G, B] in 0-255")
 
 
@@ -381,9 +376,7 @@ def _check_keys(raw: Mapping[str, Any], allowed: Sequence[str], prefix: str, ext
         if key in allowed or key in extra_ok:
             continue
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        close = difflib.get_close_matches(str(key), list(allowed), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"{dotted}: unknown key{hint}; valid keys here are {list(allowed)}")
+        raise ValueError(f"{dotted}: unknown key{did_you_mean(key, allowed)}; valid keys here are {list(allowed)}")
 
 
 def _sva(value: Any, key: str) -> Optional[SVAConfig]:

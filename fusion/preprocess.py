@@ -30,6 +30,7 @@ from torch import nn
 from .config import PROCESSOR_MODES
 from .image_io import ALPHA_MODES, load_images
 from .letterbox import mean_color
+from .pixels import as_pixels
 
 # OpenAI CLIP's normalisation: LLaVA pads with this mean colour and reads both from
 # its image processor.
@@ -401,7 +402,8 @@ class EncoderInputs(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, pad_weight: Optional[torch.Tensor] = None,
                 ) -> Dict[str, torch.Tensor]:
-        x = _check_pixel_values(pixel_values)
+        x = as_pixels(pixel_values, "pixel_values", uint8=False, finite=False,
+                       hint=" (ImageProcessor makes pixel_values from images)")
         h, w = x.shape[-2:]
         if pad_weight is not None and (pad_weight.dim() != 4 or pad_weight.shape[0] != x.shape[0]
                                        or tuple(pad_weight.shape[1:]) != (1, h, w)):
@@ -486,14 +488,3 @@ def _encoder_spec(enc: Any, i: int):
     mean = tuple(_triple(enc.mean, f"{key}.mean", "finite"))
     std = tuple(_triple(enc.std, f"{key}.std", "positive"))
     return name, size, enc.resize, enc.interpolation, mean, std
-
-
-def _check_pixel_values(x: Any) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"pixel_values: expected a float tensor [B, 3, H, W] in [0, 1], got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[1] != 3 or x.numel() == 0:
-        raise ValueError(f"pixel_values: expected a non-empty tensor [B, 3, H, W], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"pixel_values: expected a float tensor in [0, 1], got dtype {x.dtype} "
-                        f"(ImageProcessor produces pixel_values from uint8 images)")
-    return x.to(torch.float32)

@@ -27,12 +27,13 @@ from .encoders.registry import get_encoder_class
 from .letterbox import check_image_sizes, choose_pad_colors, pad_weights, roi_pad_weights
 from .merge import FusionMerge, GridSpec, Segment
 from .multiscale import encode_scales, is_multiscale, scaled_dim, scaled_input_specs, scaled_name, scales_of
+from .pixels import NONFINITE, as_pixels
 from .preprocess import EncoderInputs, ImageProcessor
 from .projector import build_projector, projector_out_dim
 from .roi import check_roi_inputs
 
 WEIGHT_MODES = ("pretrained", "random")
-NONFINITE_PIXELS = "pixel_values: contains NaN or infinite values"
+NONFINITE_PIXELS = f"pixel_values: {NONFINITE}"
 
 
 @dataclass
@@ -327,30 +328,9 @@ class MultiEncoderTower(nn.Module):
         return torch.float32
 
     def _check_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values: expected a torch.Tensor [B, 3, H, W] in [0, 1], got "
-                            f"{type(pixel_values).__name__}; use tower.image_processor(images) for images")
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values: expected shape [B, 3, H, W], got {list(pixel_values.shape)}")
-        if pixel_values.shape[0] == 0 or pixel_values.shape[2] == 0 or pixel_values.shape[3] == 0:
-            raise ValueError(f"pixel_values: empty tensor of shape {list(pixel_values.shape)}")
-        if pixel_values.dtype == torch.uint8:
-            pixel_values = pixel_values.float() / 255.0
-        elif not pixel_values.is_floating_point():
-            raise TypeError(f"pixel_values: expected a float tensor in [0, 1] (or uint8 in [0, 255]), "
-                            f"got dtype {pixel_values.dtype}")
-        if pixel_values.device != self.device:
-            pixel_values = pixel_values.to(self.device, non_blocking=True)
-        pixel_values = pixel_values.float()
-        finite = torch.isfinite(pixel_values).all()
-        if torch.compiler.is_compiling():
-            # inside torch.compile: no data-dependent branch (a graph break and a host sync); the
-            # check stays in the graph as an asynchronous assertion (RuntimeError on the CPU,
-            # a device-side assert on CUDA)
-            torch._assert_async(finite, NONFINITE_PIXELS)
-        elif not finite:
-            raise ValueError(NONFINITE_PIXELS)
-        return pixel_values
+        pixel_values = as_pixels(pixel_values, "pixel_values",
+                                 hint="; use tower.image_processor(images) for images")
+        return pixel_values.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ distributed
 

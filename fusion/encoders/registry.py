@@ -10,9 +10,10 @@ registers it, imported the first time its class is asked for. So validating a co
 """
 from __future__ import annotations
 
-import difflib
 from importlib import import_module
 from typing import Callable, Dict, List, Type
+
+from ..suggest import did_you_mean
 
 _ENCODERS: Dict[str, type] = {}
 # built-in type -> the module (in this package) whose @register_encoder registers it
@@ -51,9 +52,7 @@ def check_encoder_type(name: str, key: str = "type") -> None:
     if name in _ENCODERS or name in BUILTIN_MODULES:
         return
     known = list_encoders()
-    close = difflib.get_close_matches(str(name), known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(f"{key}: unknown encoder type {name!r}{hint}; registered types are {known}")
+    raise ValueError(f"{key}: unknown encoder type {name!r}{did_you_mean(name, known)}; registered types are {known}")
 
 
 def get_encoder_class(name: str, key: str = "type") -> type:
