@@ -48,8 +48,9 @@ class TowerOutput:
       (``fusion.reduce`` on, or ROI crops given).
     - ``segments``: ``(label, start, end)`` slices of the token sequence: ``fused`` (one
       per encoder for ``sequence_concat``), ``level<l>``, ``roi<k>``.
-    - ``hidden_states``: each encoder's grid flattened ``[B, h*w, C]`` (encoder order),
-      then the fused tokens before the projector ``[B, N, C_fused]``, then ``tokens``.
+    - ``hidden_states``: the Hugging Face view (what Llava's ``vision_feature_layer``
+      indexes): each encoder's grid flattened ``[B, h*w, C]`` (encoder order), then
+      :attr:`merged_tokens`, then ``tokens``. Python code reads the named fields.
     - ``token_sizes``: ``None`` without ``fusion.reduce``; else ``[B, N]``, how many fused
       grid tokens each token merges (1 for level and ROI tokens).
     """
@@ -60,6 +61,11 @@ class TowerOutput:
     segments: List[Segment]
     hidden_states: Tuple[torch.Tensor, ...] = field(default_factory=tuple)
     token_sizes: Optional[torch.Tensor] = None
+
+    @property
+    def merged_tokens(self) -> torch.Tensor:
+        """``[B, N, C_fused]``: the merge stage's tokens, before the projector (``hidden_states[-2]``)."""
+        return self.hidden_states[-2]
 
     def tokens_in(self, box: BoxLike, min_overlap: float = 0.0) -> Union[torch.Tensor, List[torch.Tensor]]:
         """Indices of the tokens whose region overlaps ``box`` (normalised xyxy, a tensor ``[4]``
