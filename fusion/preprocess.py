@@ -1,21 +1,14 @@
 """Image preprocessing in two halves: :class:`ImageProcessor` on the host, :class:`EncoderInputs` on the device.
 
-``ImageProcessor`` turns user images (PIL, numpy, torch; see :mod:`fusion.image_io`)
-into ``pixel_values [B, 3, S, S]`` float32 in [0, 1]: one square input shared by all
-encoders, *not* normalised. ``EncoderInputs`` then makes each encoder's own input on
-the device: resize to its ``image_size`` and normalise with its ``mean``/``std``,
-once per distinct request, so encoders that want the same pixels share the work.
-In ``pad`` mode each encoder can be letterboxed with its own colour: the processor also
-returns ``image_sizes`` and the device half recolours the padding per encoder (see
-:mod:`fusion.letterbox`).
+``ImageProcessor``: user images (see :mod:`fusion.image_io`) -> ``pixel_values [B, 3, S, S]``
+float32 in [0, 1], one square input shared by all encoders, not normalised.
+``EncoderInputs``: on the device, each encoder's own input ``[B, 3, s, s]``, resized to its
+``image_size`` and normalised with its ``mean``/``std``, once per distinct request. In ``pad``
+mode each encoder's letterbox gets its own colour (:mod:`fusion.letterbox`).
 
-Resizing (both halves) is :func:`resize_images`: PIL's separable antialiased filter,
-done with ``torch.nn.functional.interpolate(..., antialias=True)`` in float (no 8-bit
-quantisation), in PIL's order (width pass, then height pass) with PIL's clamp of
-bicubic overshoot to [0, 1] after each pass. On natural and even on random-noise
-images it agrees with ``PIL.Image.resize`` to about one 8-bit step (1.1 measured); a
-single 2-D ``interpolate`` call, without the clamp between passes, differs by up to 2
-steps on natural images and 10-20 steps on random noise.
+Resizing (both halves) is :func:`resize_images`: PIL's separable antialiased filter in float,
+width pass then height pass, clamped to [0, 1] after each pass as PIL does (so it matches
+``PIL.Image.resize`` to about one 8-bit step; figures in the README).
 """
 from __future__ import annotations
 
