@@ -35,3 +35,18 @@ def test_encoder_pixel_check_names_the_image_size_key():
         check_pixels(torch.zeros(2, 3, 8, 9), 8, "clip")
     with pytest.raises(TypeError, match="encoder 'clip': expected a torch.Tensor"):
         check_pixels([[0.0]], 8, "clip")
+
+
+@pytest.mark.parametrize("name, home", [("block_index", "base"), ("check_pixels", "base"), ("param_dtype", "base"),
+                                        ("check_keys", "adapter"), ("create_upstream", "adapter"),
+                                        ("finalize", "adapter"), ("unknown_model", "adapter")])
+def test_helpers_moved_out_of_weights_still_import_with_a_warning(name, home):
+    import importlib
+
+    import fusion.encoders.weights as weights
+
+    with pytest.warns(DeprecationWarning, match=f"moved to fusion.encoders.{home}.{name}"):
+        old = getattr(weights, name)
+    assert old is getattr(importlib.import_module(f"fusion.encoders.{home}"), name)
+    with pytest.raises(AttributeError):
+        weights.no_such_helper

@@ -166,3 +166,23 @@ def _listing(what: str, items: List[str], quote: bool = True) -> str:
     more = f", ... ({len(items) - SHOWN_KEYS} more)" if len(items) > SHOWN_KEYS else ""
     plural = "s" if len(items) != 1 else ""
     return f"{len(items)} {what}{plural} ({', '.join(shown)}{more})"
+
+
+# ----------------------------------------------------------------------------- moved names
+
+# Adapter helpers that lived here before they moved to the module whose job they are; the
+# old import path still works, with a DeprecationWarning.
+_MOVED = {"block_index": "base", "check_pixels": "base", "param_dtype": "base",
+          "check_keys": "adapter", "create_upstream": "adapter", "finalize": "adapter", "unknown_model": "adapter"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        module = f"{__package__}.{_MOVED[name]}"
+        warnings.warn(f"fusion.encoders.weights.{name} moved to {module}.{name}; import it from there",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
