@@ -6,6 +6,28 @@
 ``import fusion`` is cheap: the names below (and the submodules) load on first use, so
 neither torch nor an upstream library (open_clip, timm, segment_anything, transformers)
 is imported until something needs it (``fusion-tower --help`` imports none of them).
+
+Words (one meaning each; module, class and config names follow them)
+
+- encode: an encoder turns pixels into its token grid ``[B, h, w, C]`` (:mod:`fusion.encoders`).
+- align: resample a grid to the target grid ``fusion.grid`` (``fusion.resample``: area / bilinear).
+- fuse: combine the aligned grids into one token sequence (config ``fusion.combine``:
+  channel_concat, sequence_concat, sva).
+- pool: add coarser levels of the fused grid (``fusion.levels``, :mod:`fusion.levels`).
+- reduce: ToMe token merging down to ``keep`` tokens (``fusion.reduce``, :mod:`fusion.reduce`).
+- crop: re-encode regions of interest as extra tokens (:mod:`fusion.roi`).
+- project: map tokens to the language model's width (``projector``, :mod:`fusion.projector`).
+- merge: the whole stage between the encoders and the projector, align → fuse → pool /
+  reduce / crop (:mod:`fusion.merge`, ``tower.merge``, ``tower.merge_and_project``).
+  Kernels are named after what they compute: ``grid_merge`` aligns, normalises and
+  concatenates in one pass; ``bipartite_merge`` is ToMe's matching behind reduce.
+- grid / tokens: ``[B, h, w, C]`` per encoder / ``[B, N, C]`` after fuse.
+- hidden states: the Hugging Face view of one forward, every stage's output in data-flow
+  order (each encoder grid flattened, the merged tokens, the projected tokens):
+  ``TowerOutput.hidden_states``, what Llava's ``vision_feature_layer`` indexes. Python code
+  reads the named fields instead (``encoder_grids``, ``merged_tokens``, ``tokens``).
+- reference: the PyTorch path of a kernel op (``kernels="torch"``, the CPU path); the test
+  oracles are the ``naive_*`` functions.
 """
 from importlib import import_module
 from pkgutil import iter_modules

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from .config_files import read_config_file
+from .suggest import did_you_mean
 from .config_values import (arch_mapping, boolean, choice, int_list, integer, layer, nonempty_str, optional_str,
                             pad_color, positive_float)
 from .encoder_types import check_encoder_type
@@ -206,8 +206,7 @@ def _load_raw(source: ConfigSource) -> Dict[str, Any]:
         return read_config_file(path)
     if text in list_presets():
         return read_config_file(PRESET_DIR / f"{text}.yaml")
-    close = difflib.get_close_matches(text, list_presets(), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = did_you_mean(text, list_presets())
     raise ValueError(
         f"source: {text!r} is neither a preset{hint} nor a .yaml/.yml/.json file; "
         f"presets are {list_presets()}"
@@ -335,9 +334,7 @@ def _check_reduce(fusion: FusionConfig, encoder_names: List[str]) -> None:
                          + f"); keep must be between 1 and {n_tokens}")
     choices = ["fused", *encoder_names]
     if red.metric not in choices:
-        close = difflib.get_close_matches(str(red.metric), choices, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"fusion.reduce.metric: got {red.metric!r}{hint}; accepted values are {choices} "
+        raise ValueError(f"fusion.reduce.metric: got {red.metric!r}{did_you_mean(red.metric, choices)}; accepted values are {choices} "
                          f"('fused' or an encoder name)")
     if red.metric != "fused" and fusion.combine == "sequence_concat":
         raise ValueError(f"fusion.reduce.metric: an encoder metric ({red.metric!r}) gives one feature per grid "
@@ -349,16 +346,13 @@ def _check_pad_color(processor: ProcessorConfig, encoder_names: List[str]) -> No
     """``processor.pad_color``: a name must be ``per_encoder`` or one of the encoders; so must
     ``processor.mean_from`` be one of them."""
     if processor.mean_from is not None and processor.mean_from not in encoder_names:
-        close = difflib.get_close_matches(processor.mean_from, encoder_names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(processor.mean_from, encoder_names)
         raise ValueError(f"processor.mean_from: got {processor.mean_from!r}{hint}; accepted values are the encoder "
                          f"names {encoder_names}, or null (the encoder pad_color names, else the first)")
     value = processor.pad_color
     choices = ["per_encoder", *encoder_names]
     if isinstance(value, str) and value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"processor.pad_color: got {value!r}{hint}; accepted values are {choices} "
+        raise ValueError(f"processor.pad_color: got {value!r}{did_you_mean(value, choices)}; accepted values are {choices} "
                          f"(an encoder name uses that encoder's mean colour for all) or [R, G, B] in 0-255")
 
 
@@ -392,9 +386,7 @@ def _check_keys(raw: Mapping[str, Any], allowed: Sequence[str], prefix: str, ext
         if key in allowed or key in extra_ok:
             continue
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        close = difflib.get_close_matches(str(key), list(allowed), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"{dotted}: unknown key{hint}; valid keys here are {list(allowed)}")
+        raise ValueError(f"{dotted}: unknown key{did_you_mean(key, allowed)}; valid keys here are {list(allowed)}")
 
 
 def _sva(value: Any, key: str) -> Optional[SVAConfig]:

@@ -6,8 +6,9 @@ Plain checks take ``(value, dotted_key)``; the factories (:func:`choice`, :func:
 """
 from __future__ import annotations
 
-import difflib
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+from .suggest import did_you_mean
 
 
 def nonempty_str(value: Any, key: str) -> str:
@@ -21,9 +22,7 @@ def choice(choices: Sequence[str], optional: bool = False):
         if value is None and optional:
             return None
         if value not in choices:
-            close = difflib.get_close_matches(str(value), list(choices), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{key}: got {value!r}{hint}; accepted values are {list(choices)}"
+            raise ValueError(f"{key}: got {value!r}{did_you_mean(value, choices)}; accepted values are {list(choices)}"
                              + (" or null" if optional else ""))
         return value
 

@@ -84,7 +84,6 @@ def tower_geometry(source: ConfigSource, overrides: Overrides = None, weights: s
 
 @functools.lru_cache(maxsize=32)
 def _meta_geometry(config_yaml: str, weights: str) -> TowerGeometry:
-    import torch
     import yaml
 
     from .config import parse_config

@@ -1,57 +1,27 @@
 """LLaVA's own code (haotian-liu/LLaVA): the tower behind LLaVA's vision-tower interface.
 
-LLaVA builds its tower in ``llava/model/multimodal_encoder/builder.py``::
+:func:`build_vision_tower` has the signature of LLaVA's
+``llava/model/multimodal_encoder/builder.py``; the one-line change in ``llava_arch.py`` is
+``from fusion.llava import build_vision_tower``, then ``--vision_tower vsre`` (a preset or a
+config file, optionally with overrides: ``--vision_tower "vsre fusion.grid=16"``).
 
-    def build_vision_tower(vision_tower_cfg, **kwargs):
-        vision_tower = getattr(vision_tower_cfg, 'mm_vision_tower', getattr(vision_tower_cfg, 'vision_tower', None))
-        ...
-        return CLIPVisionTower(vision_tower, args=vision_tower_cfg, **kwargs)
+:class:`FusionVisionTower` mirrors ``CLIPVisionTower(vision_tower, args, delay_load)``:
+``is_loaded``, ``load_model``, ``vision_tower``, ``image_processor``, ``select_layer``,
+``select_feature``, ``hidden_size``, ``num_patches``, ``num_patches_per_side``, ``dtype``,
+``device``, ``dummy_feature``, ``config``; ``forward(images)``: ``[B, 3, S, S]`` or a list of
+``[3, S, S]`` -> features in the images' dtype. LLaVA's arguments:
 
-:func:`build_vision_tower` has the same signature, so the one-line change is, in
-``llava/model/llava_arch.py``::
-
-    from fusion.llava import build_vision_tower   # was: from .multimodal_encoder.builder import ...
-
-and ``--vision_tower vsre`` (a preset, a ``.yaml``/``.json`` config file, optionally
-followed by ``key=value`` overrides: ``--vision_tower "vsre fusion.grid=16"``).
-
-:class:`FusionVisionTower` mirrors LLaVA's ``CLIPVisionTower(vision_tower, args,
-delay_load)``: ``is_loaded``, ``load_model(device_map)``, ``vision_tower`` (the
-:class:`~fusion.MultiEncoderTower`, once loaded), ``image_processor`` (``image_mean``,
-``crop_size``, ``preprocess(images, return_tensors="pt")``), ``select_layer``,
-``select_feature``, ``hidden_size``, ``num_patches``, ``num_patches_per_side``,
-``dtype``, ``device``, ``dummy_feature``, ``config``; ``forward(images)`` takes a
-``[B, 3, S, S]`` tensor or a list of ``[3, S, S]`` tensors (LLaVA's two call forms) and
-returns features in the images' dtype.
-
-How LLaVA's arguments map:
-
-- ``mm_vision_select_layer`` (LLaVA-1.5 passes ``-2``) sets ``encoders.<name>.layer``
-  of every **CLIP** encoder (``type: clip``): it is CLIP's ``hidden_states`` index and
-  the meaning is the same (``-k``: the output of the k-th block from the end, before the
-  final norm; ``k >= 1``: of the k-th block). The other encoders keep the layer their
-  config chooses (their best layer differs per family; set it in the config or as an
-  override in the tower name). Without the attribute, every encoder keeps its config.
-- ``mm_vision_select_feature``: ``"patch"`` (LLaVA's default: drop CLIP's CLS token).
-  The fused tokens are all patch tokens, so nothing is dropped; ``"cls_patch"`` is a
-  ``ValueError`` (there is no CLS token to keep).
-- ``delay_load=True``: only the config is read (the encoders are built by
-  :meth:`FusionVisionTower.load_model`), as LLaVA does when it rebuilds a saved model.
-  ``unfreeze_mm_vision_tower=True`` loads at once and unfreezes every encoder.
-- **LLaVA-1.6 (anyres).** ``config.image_size`` is the tower's input side ``S``
-  (``image_processor.crop_size``), the side of each anyres tile; ``config.patch_size`` is
-  ``S // num_patches_per_side`` (pixels per token side, CLIP's meaning);
-  ``num_patches_per_side`` is ``fusion.grid``. ``image_grid_pinpoints`` must be multiples
-  of ``S`` (:func:`fusion.anyres.default_pinpoints` gives LLaVA-1.6's layout for any
-  ``S``; with ``--vision_tower "vsre processor.size=336"`` LLaVA-1.6's shipped pinpoints
-  fit). ``mm_patch_merge_type`` ``spatial`` / ``spatial_unpad`` lay each tile's tokens out
-  as the ``g x g`` grid, so a tower whose token count is not ``g * g`` (``fusion.levels``,
-  ``fusion.reduce``, ``sequence_concat``) is refused when built for them, naming the keys
-  (``flat`` takes any count). See :mod:`fusion.anyres`.
-- **The projector.** LLaVA's ``mm_projector`` (``mlp2x_gelu``, from
-  ``mm_hidden_size = tower.hidden_size``) is what LLaVA trains (stage 1 trains *only*
-  it), so the tower's own projector is dropped (``projector.type: none``) unless
-  ``keep_projector=True``; a kept projector would stay untrained in LLaVA's recipe.
+- ``mm_vision_select_layer`` sets ``layer`` of every CLIP encoder (same meaning); other
+  encoders keep their config's layer.
+- ``mm_vision_select_feature``: ``"patch"`` drops nothing (there is no CLS);
+  ``"cls_patch"`` is a ``ValueError``.
+- ``delay_load=True`` reads only the config; ``unfreeze_mm_vision_tower=True`` loads at
+  once and unfreezes every encoder.
+- anyres (LLaVA-1.6): ``config.image_size`` is the tile side ``S``, ``config.patch_size``
+  ``S // num_patches_per_side``; ``spatial`` / ``spatial_unpad`` need ``g * g`` tokens
+  (see :mod:`fusion.anyres`).
+- LLaVA's ``mm_projector`` is what LLaVA trains, so the tower's projector is dropped
+  (``projector.type: none``) unless ``keep_projector=True``.
 """
 from __future__ import annotations
 

@@ -1,21 +1,14 @@
 """Image preprocessing in two halves: :class:`ImageProcessor` on the host, :class:`EncoderInputs` on the device.
 
-``ImageProcessor`` turns user images (PIL, numpy, torch; see :mod:`fusion.image_io`)
-into ``pixel_values [B, 3, S, S]`` float32 in [0, 1]: one square input shared by all
-encoders, *not* normalised. ``EncoderInputs`` then makes each encoder's own input on
-the device: resize to its ``image_size`` and normalise with its ``mean``/``std``,
-once per distinct request, so encoders that want the same pixels share the work.
-In ``pad`` mode each encoder can be letterboxed with its own colour: the processor also
-returns ``image_sizes`` and the device half recolours the padding per encoder (see
-:mod:`fusion.letterbox`).
+``ImageProcessor``: user images (see :mod:`fusion.image_io`) -> ``pixel_values [B, 3, S, S]``
+float32 in [0, 1], one square input shared by all encoders, not normalised.
+``EncoderInputs``: on the device, each encoder's own input ``[B, 3, s, s]``, resized to its
+``image_size`` and normalised with its ``mean``/``std``, once per distinct request. In ``pad``
+mode each encoder's letterbox gets its own colour (:mod:`fusion.letterbox`).
 
-Resizing (both halves) is :func:`resize_images`: PIL's separable antialiased filter,
-done with ``torch.nn.functional.interpolate(..., antialias=True)`` in float (no 8-bit
-quantisation), in PIL's order (width pass, then height pass) with PIL's clamp of
-bicubic overshoot to [0, 1] after each pass. On natural and even on random-noise
-images it agrees with ``PIL.Image.resize`` to about one 8-bit step (1.1 measured); a
-single 2-D ``interpolate`` call, without the clamp between passes, differs by up to 2
-steps on natural images and 10-20 steps on random noise.
+Resizing (both halves) is :func:`resize_images`: PIL's separable antialiased filter in float,
+width pass then height pass, clamped to [0, 1] after each pass as PIL does (so it matches
+``PIL.Image.resize`` to about one 8-bit step; figures in the README).
 """
 from __future__ import annotations
 
@@ -30,6 +23,7 @@ from torch import nn
 from .config import PROCESSOR_MODES
 from .image_io import ALPHA_MODES, load_images
 from .letterbox import mean_color
+from .pixels import as_pixels
 from .resize import longest_side_shape, resize_axis, resize_images  # noqa: F401 (resize_images: re-exported)
 from .roi import crop_rois
 
@@ -376,7 +370,8 @@ class EncoderInputs(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, pad_weight: Optional[torch.Tensor] = None,
                 ) -> Dict[str, torch.Tensor]:
-        x = _check_pixel_values(pixel_values)
+        x = as_pixels(pixel_values, "pixel_values", uint8=False, finite=False,
+                       hint=" (ImageProcessor makes pixel_values from images)")
         h, w = x.shape[-2:]
         if pad_weight is not None and (pad_weight.dim() != 4 or pad_weight.shape[0] != x.shape[0]
                                        or tuple(pad_weight.shape[1:]) != (1, h, w)):
@@ -461,14 +456,3 @@ def _encoder_spec(enc: Any, i: int):
     mean = tuple(_triple(enc.mean, f"{key}.mean", "finite"))
     std = tuple(_triple(enc.std, f"{key}.std", "positive"))
     return name, size, enc.resize, enc.interpolation, mean, std
-
-
-def _check_pixel_values(x: Any) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"pixel_values: expected a float tensor [B, 3, H, W] in [0, 1], got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[1] != 3 or x.numel() == 0:
-        raise ValueError(f"pixel_values: expected a non-empty tensor [B, 3, H, W], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"pixel_values: expected a float tensor in [0, 1], got dtype {x.dtype} "
-                        f"(ImageProcessor produces pixel_values from uint8 images)")
-    return x.to(torch.float32)

@@ -39,6 +39,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from .boxes import Box, as_box
+from .pixels import as_pixels
 from .resize import resize_images
 
 ROIS_ACCEPTED = ("a tensor [B, 4] or [B, k, 4], or a list with one entry per image: None / [] (no ROI), "
@@ -183,7 +184,7 @@ def check_roi_inputs(roi_pixel_values: Optional[torch.Tensor], roi_boxes: Option
     if roi_boxes is None:
         raise ValueError("roi_boxes: required with roi_pixel_values: each crop's [x0, y0, x1, y1] box in the image "
                          "(tower.image_processor(images, rois=...) returns it as 'roi_boxes')")
-    px = _check_roi_pixels(roi_pixel_values)
+    px = as_pixels(roi_pixel_values, "roi_pixel_values", rows="R", empty_ok=True)
     R = px.shape[0]
     boxes = _check_roi_boxes(roi_boxes, R)
     if R == 0:
@@ -202,21 +203,6 @@ def check_roi_inputs(roi_pixel_values: Optional[torch.Tensor], roi_boxes: Option
                          f"separate calls (or repeat a box)")
     order = torch.sort(index, stable=True).indices.view(batch_size, int(counts[0]))
     return RoiBatch(px.to(device), boxes.to(device), order.to(device))
-
-
-def _check_roi_pixels(x: Any) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"roi_pixel_values: expected a tensor [R, 3, H, W] in [0, 1], got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"roi_pixel_values: expected shape [R, 3, H, W], got {list(x.shape)}")
-    if x.dtype == torch.uint8:
-        return x.float() / 255.0
-    if not x.is_floating_point():
-        raise TypeError(f"roi_pixel_values: expected a float tensor in [0, 1] (or uint8), got dtype {x.dtype}")
-    x = x.float()
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("roi_pixel_values: contains NaN or infinite values")
-    return x
 
 
 def _check_roi_boxes(b: Any, R: int) -> torch.Tensor:

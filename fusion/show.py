@@ -150,7 +150,7 @@ def render(tower, image, rois: Optional[Sequence] = None, size: int = 192, headi
     tower.eval()
     with torch.no_grad():
         out = tower(**batch.to(tower.device), return_dict=True)
-    fused = out.hidden_states[-2][0]  # [N, C_fused]: the tokens before the projector
+    fused = out.merged_tokens[0]  # [N, C_fused]: the tokens before the projector
     boxes = out.token_boxes[0] if out.token_boxes.dim() == 3 else out.token_boxes  # [N, 4]
     colours = pca_rgb(fused)  # one PCA for every fused, level and ROI token
 

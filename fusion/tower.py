@@ -28,13 +28,14 @@ from .encoders.registry import get_encoder_class
 from .letterbox import check_image_sizes, choose_pad_colors, pad_weights, roi_pad_weights
 from .merge import FusionMerge, GridSpec
 from .multiscale import MultiScaleEncoder
+from .pixels import NONFINITE, as_pixels
 from .preprocess import EncoderInputs, ImageProcessor
 from .projector import build_projector, projector_out_dim
 from .roi import RoiBatch, check_roi_inputs
 from .sequence import MergedTokens, Segment, TokenSequence
 
 WEIGHT_MODES = ("pretrained", "random")
-NONFINITE_PIXELS = "pixel_values: contains NaN or infinite values"
+NONFINITE_PIXELS = f"pixel_values: {NONFINITE}"
 
 
 @dataclass
@@ -49,8 +50,9 @@ class TowerOutput:
       (``fusion.reduce`` on, or ROI crops given).
     - ``segments``: ``(label, start, end)`` slices of the token sequence: ``fused`` (one
       per encoder for ``sequence_concat``), ``level<l>``, ``roi<k>``.
-    - ``hidden_states``: each encoder's grid flattened ``[B, h*w, C]`` (encoder order),
-      then the fused tokens before the projector ``[B, N, C_fused]``, then ``tokens``.
+    - ``hidden_states``: the Hugging Face view (what Llava's ``vision_feature_layer``
+      indexes): each encoder's grid flattened ``[B, h*w, C]`` (encoder order), then
+      :attr:`merged_tokens`, then ``tokens``. Python code reads the named fields.
     - ``token_sizes``: ``None`` without ``fusion.reduce``; else ``[B, N]``, how many fused
       grid tokens each token merges (1 for level and ROI tokens).
     """
@@ -61,6 +63,11 @@ class TowerOutput:
     segments: List[Segment]
     hidden_states: Tuple[torch.Tensor, ...] = field(default_factory=tuple)
     token_sizes: Optional[torch.Tensor] = None
+
+    @property
+    def merged_tokens(self) -> torch.Tensor:
+        """``[B, N, C_fused]``: the merge stage's tokens, before the projector (``hidden_states[-2]``)."""
+        return self.hidden_states[-2]
 
     def tokens_in(self, box: BoxLike, min_overlap: float = 0.0) -> Union[torch.Tensor, List[torch.Tensor]]:
         """Indices of the tokens whose region overlaps ``box`` (normalised xyxy, a tensor ``[4]``
@@ -364,30 +371,9 @@ class MultiEncoderTower(nn.Module):
         return torch.float32
 
     def _check_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values: expected a torch.Tensor [B, 3, H, W] in [0, 1], got "
-                            f"{type(pixel_values).__name__}; use tower.image_processor(images) for images")
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values: expected shape [B, 3, H, W], got {list(pixel_values.shape)}")
-        if pixel_values.shape[0] == 0 or pixel_values.shape[2] == 0 or pixel_values.shape[3] == 0:
-            raise ValueError(f"pixel_values: empty tensor of shape {list(pixel_values.shape)}")
-        if pixel_values.dtype == torch.uint8:
-            pixel_values = pixel_values.float() / 255.0
-        elif not pixel_values.is_floating_point():
-            raise TypeError(f"pixel_values: expected a float tensor in [0, 1] (or uint8 in [0, 255]), "
-                            f"got dtype {pixel_values.dtype}")
-        if pixel_values.device != self.device:
-            pixel_values = pixel_values.to(self.device, non_blocking=True)
-        pixel_values = pixel_values.float()
-        finite = torch.isfinite(pixel_values).all()
-        if torch.compiler.is_compiling():
-            # inside torch.compile: no data-dependent branch (a graph break and a host sync); the
-            # check stays in the graph as an asynchronous assertion (RuntimeError on the CPU,
-            # a device-side assert on CUDA)
-            torch._assert_async(finite, NONFINITE_PIXELS)
-        elif not finite:
-            raise ValueError(NONFINITE_PIXELS)
-        return pixel_values
+        pixel_values = as_pixels(pixel_values, "pixel_values",
+                                 hint="; use tower.image_processor(images) for images")
+        return pixel_values.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ distributed
 

@@ -191,7 +191,7 @@ def test_tiny_dinosiglip_equals_prismatic_on_identical_pixels(tiny_prismatic):
         assert torch.allclose(dino.get_intermediate_layers(pixels["dino"], n={1})[0], patches[..., :48], atol=1e-6)
     for name in ("dino", "siglip"):
         assert torch.equal(inputs[name], pixels[name])
-    assert max(relative(out.hidden_states[-2], patches)) <= 1e-5
+    assert max(relative(out.merged_tokens, patches)) <= 1e-5
     assert max(relative(out.tokens, tokens)) <= 1e-5
 
 
@@ -212,7 +212,7 @@ def test_tiny_dinosiglip_resize_naive_within_pil_rounding(tiny_prismatic, w, h):
         step = (inputs[name] - pixels[name]).abs().max().item() * std * 255
         print(f"{name} input: max {step:.2f} 8-bit steps")
         assert step < 1.2  # measured: 1.02 / 1.05 (DINO), 1.04 / 1.06 (SigLIP)
-    assert max(relative(out.hidden_states[-2], same_inputs)) <= 1e-5
+    assert max(relative(out.merged_tokens, same_inputs)) <= 1e-5
     norm, _ = relative(out.tokens, tokens)
     assert norm < 0.02  # measured 0.0011 / 0.0013: the rounding, through random tiny weights
 
@@ -292,7 +292,7 @@ def test_full_dinosiglip_equals_prismatic_end_to_end(full_dinosiglip, w, h, boun
         step = (inputs[name] - pixels[name]).abs().max().item() * std * 255
         print(f"{name} input: max {step:.2f} 8-bit steps")
         assert step < (1e-4 if w == h == 384 else 1.2)
-    print("fused patches:", relative(out.hidden_states[-2], patches))
+    print("fused patches:", relative(out.merged_tokens, patches))
     assert max(relative(out.tokens, tokens)) <= bound  # measured: 0 / 0.0044 (norm), 0.011 (max)
 
 

@@ -161,7 +161,7 @@ def test_sigkill_at_several_points_then_resume_matches_uninterrupted(dataset, tm
     out = tmp_path / "out"
     args = extract_args(images, out)
     killed_at = []
-    for k in (1, 4, 8):  # three real SIGKILLs: after 1, 4 and 8 shard entries appeared
+    for k in (1, 8):  # two real SIGKILLs, the second in a resumed run: after 1 and 8 shard entries appeared
         at = run_and_kill(args, out, k)
         assert at != -1, "the run finished before the kill point"
         killed_at.append(at)

@@ -78,7 +78,7 @@ def test_levels_through_the_tower_and_gradients():
     px = torch.rand(2, 3, 8, 8, requires_grad=True)
     out = tower(px, return_dict=True)
     assert tower.num_patches == 21 and out.tokens.shape == (2, 21, 5)
-    fused = out.hidden_states[-2]
+    fused = out.merged_tokens
     # levels are pooled before the projector, which stays per token
     torch.testing.assert_close(out.tokens, tower.projector(fused))
     torch.testing.assert_close(fused[:, 16:20], torch.nn.functional.avg_pool2d(

@@ -35,7 +35,7 @@ def _check_against_tome(out, fused, metric, keep):
     for img in range(fused.shape[0]):
         members = tome_members(metric[img], keep)
         expect_tokens = torch.stack([fused[img, g].double().mean(0) for g in members]).float()
-        torch.testing.assert_close(out.hidden_states[-2][img, :keep], expect_tokens, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.merged_tokens[img, :keep], expect_tokens, atol=1e-5, rtol=1e-5)
         assert out.token_sizes[img, :keep].tolist() == [len(g) for g in members]
         expect_boxes = torch.stack([torch.cat([boxes[g, :2].min(0).values, boxes[g, 2:].max(0).values])
                                     for g in members])

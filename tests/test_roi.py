@@ -112,7 +112,7 @@ def test_roi_tokens_boxes_and_segments(toy):
     assert out.token_boxes[1, 36 + 15].tolist() == [0.75, 0.875, 1.0, 1.0]  # last cell of [0, .5, 1, 1]
     assert out.token_boxes[1, 17].tolist() == [0.5, 0.0, 1.0, 0.5]  # level tokens keep their boxes
     # each crop's tokens are the crop's own fused grid, as if it were an image of its own
-    alone = toy(batch.roi_pixel_values, return_dict=True).hidden_states[-2][:, :16]
+    alone = toy(batch.roi_pixel_values, return_dict=True).merged_tokens[:, :16]
     torch.testing.assert_close(out.tokens[0, 20:36], alone[0])
     torch.testing.assert_close(out.tokens[1, 36:52], alone[3])
     # the ROI tokens inside a box: crop 0 of image 0 lies within [0.5, 0, 1, 0.5]

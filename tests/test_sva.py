@@ -5,7 +5,6 @@ The oracle is :class:`fusion.sva_reference.CambrianSVA`, written the way Cambria
 embedding on the copies, LayerNorm + projections per copy, SDPA with a mask); it shares no
 code with fusion.sva or the kernels. Weights are copied across by name.
 """
-import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace

@@ -51,8 +51,13 @@ def test_return_dict(tower, pixels):
     assert out.token_boxes.shape == (g * g, 4)
     torch.testing.assert_close(out.token_boxes[0], torch.tensor([0, 0, 1 / g, 1 / g]))
     assert out.segments == [("fused", 0, g * g)]
-    assert out.hidden_states[-1] is out.tokens
-    assert out.hidden_states[-2].shape == (2, g * g, tower.merge.out_dim)
+    # the Hugging Face view: every stage's output in data-flow order
+    assert len(out.hidden_states) == len(tower.encoders) + 2
+    for hidden, grid in zip(out.hidden_states, out.encoder_grids.values()):
+        torch.testing.assert_close(hidden, grid.flatten(1, 2), rtol=0, atol=0)
+    assert out.hidden_states[-2] is out.merged_tokens and out.hidden_states[-1] is out.tokens
+    assert out.merged_tokens.shape == (2, g * g, tower.merge.out_dim)
+    torch.testing.assert_close(tower.projector(out.merged_tokens), out.tokens)
 
 
 def test_llava_attributes(tower):

@@ -146,3 +146,31 @@ def test_sam_sizes_match_segment_anything_builders(monkeypatch):
         assert upstream == dict(sizes), _moved(
             "segment-anything", f"build_sam.sam_model_registry[{name!r}]", f"builds {upstream}, fusion's "
             f"SAM_SIZES says {dict(sizes)}", "fusion/encoders/sam.py")
+
+
+def test_sam_common_arguments_match_segment_anything_builder(monkeypatch):
+    """fusion's SAM_COMMON (the image-encoder arguments every size shares) equals what
+    segment_anything's ``_build_sam`` passes to ``ImageEncoderViT`` (nothing is built)."""
+    build_sam = importlib.import_module("segment_anything.build_sam")
+
+    from fusion.encoders.sam import SAM_COMMON, SAM_SIZES
+
+    seen = {}
+
+    class Recorded(Exception):
+        pass
+
+    def record(**kwargs):
+        seen.update(kwargs)
+        raise Recorded  # stop before the rest of SAM is built
+
+    monkeypatch.setattr(build_sam, "ImageEncoderViT", record)
+    with pytest.raises(Recorded):
+        build_sam.sam_model_registry["vit_b"](checkpoint=None)
+    ours = {**SAM_COMMON, **SAM_SIZES["vit_b"]}
+    norm = seen.get("norm_layer")
+    same_norm = norm is not None and norm(8).eps == ours["norm_layer"](8).eps and type(norm(8)) is torch.nn.LayerNorm
+    upstream = {k: (tuple(v) if isinstance(v, list) else v) for k, v in seen.items() if k != "norm_layer"}
+    assert same_norm and upstream == {k: v for k, v in ours.items() if k != "norm_layer"}, _moved(
+        "segment-anything", "build_sam._build_sam", f"passes ImageEncoderViT {upstream}, fusion's SAM_COMMON + "
+        f"SAM_SIZES['vit_b'] say {ours}", "fusion/encoders/sam.py")

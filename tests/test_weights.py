@@ -10,7 +10,8 @@ from segment_anything.build_sam import _build_sam
 
 from fusion.config import EncoderConfig
 from fusion.encoders.registry import get_encoder_class
-from fusion.encoders.weights import block_index, load_strict, read_checkpoint, resolve_pretrained
+from fusion.encoders.base import block_index
+from fusion.encoders.weights import load_strict, read_checkpoint, resolve_pretrained
 
 KEY = "encoders.x.pretrained"
 TEXT = dict(layers=1, width=32, heads=2, vocab_size=64, context_length=8)

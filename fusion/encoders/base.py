@@ -3,16 +3,20 @@
 An adapter wraps an upstream library's own model (open_clip, segment_anything, timm);
 it never re-implements a network. The tower resizes and normalises ``pixel_values``
 on the device according to the attributes below, then calls :meth:`Encoder.forward`.
+The helpers below hold the parts of that contract every adapter shares: the input check
+(:func:`check_pixels`), what ``layer`` means (:func:`block_index`) and the cast to the
+model's dtype (:func:`param_dtype`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..config import EncoderConfig
+from ..pixels import check_layout
 
 if TYPE_CHECKING:  # pragma: no cover
     from .fetch import Remote
@@ -31,6 +35,32 @@ class InputSpec:
     std: Tuple[float, float, float]
     resize: str = "squash"
     interpolation: str = "bicubic"
+
+
+def block_index(layer: int, depth: int, key: str) -> int:
+    """0-based index of the block whose output ``layer`` selects.
+
+    ``-k`` is the k-th block from the end (-1: the last block's output, before any final
+    norm: LLaVA's ``mm_vision_select_layer``); ``k >= 1`` the k-th block from the start.
+    """
+    if -depth <= layer <= -1:
+        return depth + layer
+    if 1 <= layer <= depth:
+        return layer - 1
+    raise ValueError(f"{key}: got {layer}, but the model has {depth} blocks; use -1..-{depth} "
+                     f"(from the end, -1 = last block output) or 1..{depth} (from the start)")
+
+
+def param_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s first parameter: what its inputs are cast to."""
+    for p in module.parameters():
+        return p.dtype
+    return torch.get_default_dtype()
+
+
+def check_pixels(pixels: torch.Tensor, image_size: int, name: str) -> None:
+    """``pixels`` must be ``[B, 3, image_size, image_size]`` (an encoder's normalised input)."""
+    check_layout(pixels, f"encoder {name!r}", size=image_size, key=f"encoders.{name}.image_size", empty_ok=True)
 
 
 class Encoder(nn.Module):
@@ -112,3 +142,16 @@ class Encoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise TypeError(f"{type(self).__name__} must implement forward(pixels) -> [B, h, w, C]")
+
+    def block_grid(self, pixels: torch.Tensor,
+                   intermediates: Callable[[torch.Tensor, List[int]], torch.Tensor]) -> torch.Tensor:
+        """The forward of a ViT adapter with a ``block`` attribute: ``[B, 3, S, S]`` normalised
+        pixels -> ``[B, h, w, C]`` output of block ``self.block``.
+
+        ``intermediates(pixels, [block])`` calls the upstream's ``forward_intermediates`` and
+        returns that block's tokens ``[B, h*w, C]`` (prefix tokens already split off).
+        """
+        check_pixels(pixels, self.image_size, self.name)
+        tokens = intermediates(pixels.to(param_dtype(self.model)), [self.block])
+        h, w = self.grid
+        return tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).contiguous()  # [B, h*w, C] -> [B, h, w, C]

@@ -58,24 +58,18 @@ from open_clip.transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from ..config import EncoderConfig
-from .base import Encoder
+from .base import Encoder, block_index
 from .registry import register_encoder
 from .fetch import Remote
 from .loading import locate, read_source
 from .weights import (
     LoadedWeights,
-    block_index,
-    check_keys,
-    check_pixels,
-    create_upstream,
-    finalize,
     load_strict,
-    param_dtype,
     prune_unused,
     resolve_pretrained,
     take_prefix,
-    unknown_model,
 )
+from .adapter import check_keys, create_upstream, finalize, unknown_model
 
 # Constructor arguments of open_clip's model classes that arch may set (the rest are runtime options).
 _NOT_ARCH = {"self", "cast_dtype", "output_dict"}
@@ -193,18 +187,9 @@ class OpenClipEncoder(Encoder):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` normalised pixels -> ``[B, h, w, C]`` output of block ``self.block``."""
-        check_pixels(pixels, self.image_size, self.name)
-        out = self.model.forward_intermediates(
-            pixels.to(param_dtype(self.model)),
-            indices=[self.block],
-            stop_early=True,
-            normalize_intermediates=False,
-            intermediates_only=True,
-            output_fmt="NLC",
-        )
-        tokens = out["image_intermediates"][0]  # [B, h*w, C], prefix tokens already split off
-        h, w = self.grid
-        return tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).contiguous()
+        return self.block_grid(pixels, lambda x, indices: self.model.forward_intermediates(
+            x, indices=indices, stop_early=True, normalize_intermediates=False, intermediates_only=True,
+            output_fmt="NLC")["image_intermediates"][0])
 
 
 @register_encoder("clip")

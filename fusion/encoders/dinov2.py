@@ -35,23 +35,17 @@ import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from ..config import EncoderConfig
-from .base import Encoder
+from .base import Encoder, block_index
 from .registry import register_encoder
 from .fetch import Remote
 from .loading import locate, read_source
 from .weights import (
     LoadedWeights,
-    block_index,
-    check_keys,
-    check_pixels,
-    create_upstream,
-    finalize,
     load_strict,
-    param_dtype,
     prune_unused,
     resolve_pretrained,
-    unknown_model,
 )
+from .adapter import check_keys, create_upstream, finalize, unknown_model
 
 # timm's file names on the Hugging Face hub, in the order its loader tries them.
 _TIMM_HF_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -154,14 +148,5 @@ class Dinov2Encoder(Encoder):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` normalised pixels -> ``[B, h, w, C]`` output of block ``self.block``."""
-        check_pixels(pixels, self.image_size, self.name)
-        tokens = self.model.forward_intermediates(
-            pixels.to(param_dtype(self.model)),
-            indices=[self.block],
-            norm=False,
-            stop_early=True,
-            output_fmt="NLC",
-            intermediates_only=True,
-        )[0]  # [B, h*w, C], CLS and registers already split off
-        h, w = self.grid
-        return tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).contiguous()
+        return self.block_grid(pixels, lambda x, indices: self.model.forward_intermediates(
+            x, indices=indices, norm=False, stop_early=True, output_fmt="NLC", intermediates_only=True)[0])

@@ -110,6 +110,13 @@ def _clip_facts(enc: Any) -> Dict[str, Any]:
                 image_size=_native(open_clip.get_model_config(enc.cfg.model)["vision_cfg"]["image_size"]))
 
 
+# What the CLIP, SigLIP and DINOv2 families share: the index buffer older checkpoints hold, and
+# where the native input size comes from.
+_POSITION_IDS_UNUSED = {"embeddings.position_ids": "a constant index buffer older transformers saved, not a weight"}
+_NATIVE_SIZE_HINT = ("{p}.model: the model's native input size ({p}.image_size then resamples position "
+                     "embeddings for every source alike)")
+
+
 def _drop_clip_proj(visual: nn.Module) -> None:
     visual.proj = None
 
@@ -117,14 +124,13 @@ def _drop_clip_proj(visual: nn.Module) -> None:
 CLIP = HFFamily(
     label="CLIP", model_types={"clip": "vision_config", "clip_vision_model": None}, prefix="vision_model.",
     other_parts=("text_model.", "text_projection.", "logit_scale"),
-    unused={"embeddings.position_ids": "a constant index buffer older transformers saved, not a weight"},
+    unused=_POSITION_IDS_UNUSED,
     convert=_clip_convert, facts=_clip_facts,
     hints={"hidden_size": "{p}.arch.vision_cfg.width", "num_hidden_layers": "{p}.arch.vision_cfg.layers",
            "num_attention_heads": "{p}.arch.vision_cfg.head_width (width / heads)",
            "intermediate_size": "{p}.arch.vision_cfg.mlp_ratio", "patch_size": "{p}.arch.vision_cfg.patch_size",
            "hidden_act": "{p}.arch.quick_gelu",
-           "image_size": "{p}.model: the model's native input size ({p}.image_size then resamples position "
-                         "embeddings for every source alike)"},
+           "image_size": _NATIVE_SIZE_HINT},
     head_prefix="proj", drop_head=_drop_clip_proj,
     expected="a CLIPModel / CLIPVisionModel checkpoint (vision_model.*, visual_projection.weight)",
 )
@@ -177,7 +183,7 @@ def _drop_siglip_head(visual: nn.Module) -> None:
 SIGLIP = HFFamily(
     label="SigLIP", model_types={"siglip": "vision_config", "siglip_vision_model": None}, prefix="vision_model.",
     other_parts=("text_model.", "logit_scale", "logit_bias"),
-    unused={"embeddings.position_ids": "a constant index buffer older transformers saved, not a weight"},
+    unused=_POSITION_IDS_UNUSED,
     convert=_siglip_convert, facts=_siglip_facts,
     hints={"hidden_act": "{p}.arch.timm_act_layer (gelu_tanh for gelu_pytorch_tanh)",
            "hidden_size": "{p}.arch.vision_cfg.timm_model_name (the timm trunk)",
@@ -185,8 +191,7 @@ SIGLIP = HFFamily(
            "num_attention_heads": "{p}.arch.vision_cfg.timm_model_name (the timm trunk)",
            "intermediate_size": "{p}.arch.vision_cfg.timm_model_name (the timm trunk)",
            "patch_size": "{p}.arch.vision_cfg.timm_model_name (the timm trunk)",
-           "image_size": "{p}.model: the model's native input size ({p}.image_size then resamples position "
-                         "embeddings for every source alike)"},
+           "image_size": _NATIVE_SIZE_HINT},
     head_prefix="trunk.attn_pool.", drop_head=_drop_siglip_head,
     expected="a SiglipModel / SiglipVisionModel checkpoint (vision_model.*)",
 )
@@ -247,8 +252,7 @@ DINOV2 = HFFamily(
            "patch_size": "{p}.arch.patch_size", "hidden_act": "{p}.arch.act_layer",
            "qkv_bias": "{p}.arch.qkv_bias", "use_swiglu_ffn": "{p}.model (vit_giant_patch14_dinov2 has SwiGLU)",
            "num_register_tokens": "{p}.model (a *_reg4_* model) or {p}.arch.reg_tokens",
-           "image_size": "{p}.model: the model's native input size ({p}.image_size then resamples position "
-                         "embeddings for every source alike)"},
+           "image_size": _NATIVE_SIZE_HINT},
     expected="a Dinov2Model / Dinov2WithRegistersModel checkpoint (embeddings.*, encoder.layer.*, layernorm.*)",
     absent={"num_register_tokens": 0},
 )

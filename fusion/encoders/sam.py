@@ -44,22 +44,18 @@ from segment_anything.modeling import ImageEncoderViT, Sam
 from torch import nn
 
 from ..config import EncoderConfig
-from .base import Encoder
+from .base import Encoder, check_pixels, param_dtype
 from .registry import register_encoder
 from .fetch import Remote
 from .loading import locate, read_source
 from .sam_attention import install as install_sam_attention
 from .weights import (
     LoadedWeights,
-    check_keys,
-    check_pixels,
-    finalize,
     load_strict,
-    param_dtype,
     resolve_pretrained,
     take_prefix,
-    unknown_model,
 )
+from .adapter import check_keys, finalize, unknown_model
 
 # segment_anything.build_sam: build_sam_vit_{b,l,h} -> _build_sam(...)
 SAM_SIZES: Dict[str, Dict[str, Any]] = {

@@ -24,15 +24,8 @@ floating-point operations: the result equals segment_anything's to ~1e-6 relativ
 fp32 (``tests/test_sam_attention.py`` compares whole image encoders against
 segment_anything's own forward, run in a process that never imports this module).
 
-Why this and not the alternatives (measured on the 2-core CPU, one global block of SAM
-ViT-B at 1024 px, batch 1, ``benchmarks/bench_sam_attention.py``; time and peak memory
-relative to the upstream's): chunked SDPA 0.31x time, 0.08x memory; query-chunked eager
-attention (matmul, bias, softmax, matmul per chunk) 0.50x, 0.19x; folding the bias into
-the dot product (``q' = [q*scale, rel_h, rel_w]``, ``k' = [k, onehot(row), onehot(col)]``)
-0.53x, 0.81x: ``q``/``k`` become wider than ``v``, which the fused CPU kernel refuses,
-so SDPA falls back to its math path and materialises the scores again. FlexAttention
-(a ``score_mod`` adding the bias) needs ``torch.compile`` to avoid materialising on the
-CPU. The whole ViT-B encoder at batch 4: 0.70x time, 0.08x peak memory (782 MB vs 9.8 GB).
+Chunked SDPA beat query-chunked eager attention, a bias folded into wider queries/keys and
+FlexAttention on time and memory (figures: README, "Where the time and memory go").
 
 :func:`install` swaps this module in on the ``Attention`` instances of one
 ``ImageEncoderViT`` (the adapter's own model): the upstream class is never patched,

@@ -20,13 +20,13 @@ another layer count) is an error naming both values.
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ..config import EncoderConfig
+from ..suggest import did_you_mean
 
 RANDOM = "random"
 HF_SCHEME = "hf:"
@@ -141,8 +141,7 @@ def resolve_pretrained(
         raise ValueError(f"{key}: the file {value!r} does not exist; give an existing "
                          f"{'/'.join(CHECKPOINT_SUFFIXES)} file, a Hugging Face model folder, "
                          f"hf:<repo id>, a {library} tag, or {RANDOM!r}")
-    close = difflib.get_close_matches(value, list(tags), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = did_you_mean(value, tags)
     known = f"{library} tags for {cfg.model!r} are {list(tags)}" if tags else f"{library} has no tags for {cfg.model!r}"
     raise ValueError(f"{key}: {value!r} is neither a known tag{hint} nor an existing file or folder; {known}. "
                      f"A local {'/'.join(CHECKPOINT_SUFFIXES)} file, a Hugging Face model folder, hf:<repo id> "

@@ -8,20 +8,19 @@ files (:func:`read_checkpoint`: ``.safetensors`` with safetensors, ``.pt`` / ``.
 code) and loads strictly: :func:`load_strict` raises a ``ValueError`` listing missing
 keys, unexpected keys and shape mismatches, naming the config key.
 
-The second half holds the small pieces every adapter needs: layer-index resolution,
-``arch``-key checks, unknown-model errors, and the final dtype cast / freeze.
+What every adapter's constructor shares besides weights (building the upstream model,
+``arch``-key and model-name errors, the final cast / freeze) is :mod:`.adapter`; the
+forward contract (pixel layout, layer indexing) is :mod:`.base`.
 """
 from __future__ import annotations
 
-import difflib
 import os
 import pickle
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 
-from ..config import EncoderConfig
 from .sources import (  # noqa: F401  (re-exported: the adapters' one import point)
     CHECKPOINT_SUFFIXES,
     RANDOM,
@@ -35,16 +34,6 @@ from .sources import (  # noqa: F401  (re-exported: the adapters' one import poi
 WRAPPER_KEYS = ("state_dict", "model")
 # How many offending keys an error message shows before it only gives the count.
 SHOWN_KEYS = 5
-
-
-def create_upstream(create: Callable[[], Any], cfg: EncoderConfig, prefix: str, library: str) -> Any:
-    """Run the upstream constructor ``create()`` (which never loads weights); its failure is a
-    ValueError naming ``{prefix}.arch``: the upstream rejected the architecture."""
-    try:
-        return create()
-    except Exception as err:
-        raise ValueError(f"{prefix}.arch: {library} could not build {cfg.model!r} with arch {cfg.arch}: "
-                         f"{type(err).__name__}: {err}") from err
 
 
 # ----------------------------------------------------------------------------- reading
@@ -179,61 +168,21 @@ def _listing(what: str, items: List[str], quote: bool = True) -> str:
     return f"{len(items)} {what}{plural} ({', '.join(shown)}{more})"
 
 
-# ----------------------------------------------------------------------------- adapter setup
+# ----------------------------------------------------------------------------- moved names
+
+# Adapter helpers that lived here before they moved to the module whose job they are; the
+# old import path still works, with a DeprecationWarning.
+_MOVED = {"block_index": "base", "check_pixels": "base", "param_dtype": "base",
+          "check_keys": "adapter", "create_upstream": "adapter", "finalize": "adapter", "unknown_model": "adapter"}
 
 
-def block_index(layer: int, depth: int, key: str) -> int:
-    """0-based index of the block whose output ``layer`` selects.
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+        import warnings
 
-    ``-k`` is the k-th block from the end (-1: the last block's output, before any final
-    norm: LLaVA's ``mm_vision_select_layer``); ``k >= 1`` the k-th block from the start.
-    """
-    if -depth <= layer <= -1:
-        return depth + layer
-    if 1 <= layer <= depth:
-        return layer - 1
-    raise ValueError(f"{key}: got {layer}, but the model has {depth} blocks; use -1..-{depth} "
-                     f"(from the end, -1 = last block output) or 1..{depth} (from the start)")
-
-
-def check_keys(given: Iterable[str], allowed: Iterable[str], key: str, hint: str = "") -> None:
-    """Every name in ``given`` must be in ``allowed``; otherwise a ValueError naming ``key.<name>``."""
-    allowed = sorted(allowed)
-    for name in given:
-        if name not in allowed:
-            close = difflib.get_close_matches(str(name), allowed, n=1)
-            mean = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{key}.{name}: unknown key{mean}; valid keys here are {allowed}"
-                             + (f". {hint}" if hint else ""))
-
-
-def unknown_model(key: str, value: str, valid: Sequence[str], library: str) -> ValueError:
-    close = difflib.get_close_matches(value, list(valid), n=3)
-    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-    return ValueError(f"{key}: unknown {library} model {value!r}{hint}; valid names are {list(valid)}")
-
-
-def finalize(module: nn.Module, cfg: EncoderConfig) -> None:
-    """Cast ``module`` to ``cfg.dtype`` (if set); if ``cfg.freeze``, stop its gradients and eval() it."""
-    if cfg.dtype is not None:
-        module.to(getattr(torch, cfg.dtype))
-    if cfg.freeze:
-        module.requires_grad_(False)
-        module.eval()
-
-
-def param_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of ``module``'s first parameter: what its inputs are cast to."""
-    for p in module.parameters():
-        return p.dtype
-    return torch.get_default_dtype()
-
-
-def check_pixels(pixels: torch.Tensor, image_size: int, name: str) -> None:
-    """``pixels`` must be ``[B, 3, image_size, image_size]``."""
-    if not isinstance(pixels, torch.Tensor):
-        raise TypeError(f"encoder {name!r}: expected a tensor [B, 3, {image_size}, {image_size}], "
-                        f"got {type(pixels).__name__}")
-    if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, image_size, image_size):
-        raise ValueError(f"encoder {name!r}: expected pixels [B, 3, {image_size}, {image_size}] "
-                         f"(encoders.{name}.image_size), got {list(pixels.shape)}")
+        module = f"{__package__}.{_MOVED[name]}"
+        warnings.warn(f"fusion.encoders.weights.{name} moved to {module}.{name}; import it from there",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
