@@ -20,9 +20,10 @@ from typing import Dict, List, Set
 ROOT = Path(__file__).resolve().parents[1]
 
 ROOMS = [
-    # config and plain helpers: what a config is, box maths, image decoding, file writing
+    # config and plain helpers: what a config is, box maths, image decoding, file writing,
+    # pixel-tensor checks, the "did you mean" hint
     ("data", ["fusion.config", "fusion.config_*", "fusion.encoder_types", "fusion.boxes", "fusion.atomic",
-              "fusion.image_io", "fusion.image_sources"]),
+              "fusion.image_io", "fusion.image_sources", "fusion.pixels", "fusion.suggest"]),
     # Triton kernels and their PyTorch references (kernels/)
     ("kernels", ["fusion.kernels", "fusion.kernels.*"]),
     # encoder adapters around the upstream libraries, their registry and weight loading
