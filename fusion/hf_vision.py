@@ -26,7 +26,8 @@ from .config import TowerConfig, load_config, parse_config
 from .distributed import encoder_blocks
 from .hf_init import fill_unloaded
 from .geometry import TowerGeometry, config_geometry, geometry_of
-from .preprocess import EncoderInputs, ImageProcessor
+from .encoder_inputs import EncoderInputs
+from .preprocess import ImageProcessor
 from .tower import WEIGHT_MODES, MultiEncoderTower
 
 MODEL_TYPE = "fusion_vision"

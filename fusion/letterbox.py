@@ -14,7 +14,7 @@ its one CLIP (122, 116, 104). fusion does the same without giving up the single
    antialiased filter, without the clamp), i.e. how much of each output pixel is padding.
 3. Each encoder whose colour ``c`` differs from ``c0`` gets
    ``clamp(pixel_values + (c - c0) / 255 * w, 0, 1)`` before its own resize and
-   normalisation (:class:`fusion.preprocess.EncoderInputs`).
+   normalisation (:class:`fusion.encoder_inputs.EncoderInputs`).
 
 Resizing is linear, so step 3 equals padding with ``c`` in the first place, except where
 the processor's [0, 1] clamp cut a bicubic overshoot at the image/padding border (a few

@@ -2,7 +2,7 @@
 
 ``scales: [1, 2]`` runs the encoder on the image at its input size ``S`` and at ``2S``.
 The ``sS`` image (resized and normalised on the device like the plain input, see
-:class:`fusion.preprocess.EncoderInputs`) is split into ``s × s`` tiles of ``S × S``
+:class:`fusion.encoder_inputs.EncoderInputs`) is split into ``s × s`` tiles of ``S × S``
 (:func:`split_tiles`); the tiles of every scale go through the encoder as ONE batch; each
 scale's tile grids are stitched back into one ``s·h × s·w`` grid (:func:`stitch_tiles`)
 and area-pooled to the encoder's base grid ``h × w`` (:func:`fusion.kernels.pyramid_pool`);
@@ -23,7 +23,7 @@ from .kernels import pyramid_pool
 
 
 def scaled_name(name: str, scale: int) -> str:
-    """Key of the encoder's input at ``scale`` in :class:`~fusion.preprocess.EncoderInputs`' output."""
+    """Key of the encoder's input at ``scale`` in :class:`~fusion.encoder_inputs.EncoderInputs`' output."""
     return name if scale == 1 else f"{name}@{scale}x"
 
 

@@ -1,11 +1,13 @@
-"""The checks on pixel tensors handed to fusion: type, layout ``[N, 3, H, W]``, dtype, finiteness.
+"""The checks on pixel tensors handed to fusion: type, layout ``[N, 3, H, W]``, dtype, finiteness;
+and on the per-channel values that describe pixels (8-bit colours, normalisation statistics).
 
 One rule set for ``pixel_values`` (tower, on-device preprocessing), ``roi_pixel_values`` and an
 encoder's normalised input, so every entry point rejects the same mistakes with the same words.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -52,3 +54,26 @@ def as_pixels(x: Any, arg: str, rows: str = "B", uint8: bool = True, finite: boo
         elif not ok:
             raise ValueError(f"{arg}: {NONFINITE}")
     return x
+
+
+def check_rgb255(value: Any, key: str) -> Tuple[int, int, int]:
+    """Validate an 8-bit RGB colour: three ints in 0-255."""
+    items = list(value) if isinstance(value, (list, tuple)) else []
+    if len(items) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in items):
+        raise ValueError(f"{key}: expected [R, G, B], three integers in 0-255, got {value!r}")
+    return items[0], items[1], items[2]
+
+
+def check_channel_stats(value: Any, key: str, kind: str) -> List[float]:
+    """Validate a 3-channel statistic: ``kind`` "unit" (in [0, 1]), "finite" or "positive"."""
+    checks = {"unit": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+              "finite": (math.isfinite, "finite"),
+              "positive": (lambda v: 0.0 < v < math.inf, "positive and finite")}
+    check, want = checks[kind]
+    try:
+        items = [float(v) for v in value]
+    except (TypeError, ValueError):
+        items = []
+    if len(items) != 3 or not all(check(v) for v in items):
+        raise ValueError(f"{key}: expected 3 numbers (R, G, B) {want}, got {value!r}")
+    return items

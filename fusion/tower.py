@@ -29,7 +29,8 @@ from .letterbox import check_image_sizes, choose_pad_colors, pad_weights, roi_pa
 from .merge import FusionMerge, GridSpec
 from .multiscale import MultiScaleEncoder
 from .pixels import NONFINITE, as_pixels
-from .preprocess import EncoderInputs, ImageProcessor
+from .encoder_inputs import EncoderInputs
+from .preprocess import ImageProcessor
 from .projector import build_projector, projector_out_dim
 from .roi import RoiBatch, check_roi_inputs
 from .sequence import MergedTokens, Segment, TokenSequence

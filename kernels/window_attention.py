@@ -18,7 +18,7 @@ dk / dv element once (plus a seam partial for shared boundary rows, added by the
 launcher): deterministic, no atomics. More than ``MAX_SLOTS`` encoders run as several
 launches combined by their log-sum-exp.
 
-Launch parameters (:func:`window_plan`, :func:`launch_grid`) are a pure function of the
+Launch parameters (:func:`._window_plan.window_plan`, :func:`launch_grid`) are a pure function of the
 shapes and dtype; every launch is a :class:`._launch.Launch`, and :func:`compile_launches`
 builds the ones a call makes on a GPU for the compile report (``benchmarks/compile_report.py``).
 """
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -35,7 +34,9 @@ from torch import Tensor
 from . import _validate as V
 from ._canonical import require_canonical
 from ._launch import Launch, run_all
-from ._plan import DOT_MIN, next_pow2
+from ._plan import DOT_MIN
+from ._window_plan import (MAX_REGISTERS, TILES, PassPlan, WindowPlan, _band_rows, _bands_ok,  # noqa: F401
+                           window_plan)
 from ._triton import tl
 from ._window_attention_jit import _window_attention_bwd_kernel, _window_attention_fwd_kernel
 from .window_attention_reference import window_attention_reference, window_attention_reference_backward
@@ -46,103 +47,6 @@ require_canonical(__name__)  # registering the fusion:: ops twice frees them und
 LOG2E = 1.4426950408889634  # the kernels take exp2 of scores pre-scaled by log2(e)
 MAX_SLOTS = 4       # encoders per launch (the kernels unroll this many pointer slots)
 MAX_HEAD_DIM = 256  # a [query tile, 256] fp32 accumulator is already past the register file
-# Left to itself, ptxas trims a kernel to 80 or 128 registers to fit more programs per SM
-# and spills the rest (dinosiglip, tiny shapes); one program of 8 warps per SM is plenty
-# here (the kernels are bandwidth-bound), so they may use the whole register file.
-MAX_REGISTERS = 255
-# (query cells per program, keys per chunk, warps) per pass and operand width: the largest
-# tiles that ptxas compiles without spills for sm_80, sm_86 and sm_90 at the vsre shapes
-# (benchmarks/compile_report.py). fp32 operands multiply on CUDA cores, whose dot layouts hold
-# whole operand rows per thread, hence the smaller key chunks; the backward holds q, dO,
-# dq and p, ds, dk, dv per chunk, hence the smaller query tile.
-TILES = {("fwd", 2): (128, 32, 8), ("fwd", 4): (64, 16, 8),
-         ("bwd", 2): (64, 32, 8), ("bwd", 4): (64, 16, 8)}
-
-
-# --------------------------------------------------------------------------------------
-# Launch plan
-# --------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PassPlan:
-    """Bands and chunks of one pass (forward or backward)."""
-    BY: int                                 # query rows per band (one program per band, batch item, head)
-    BM: int                                 # query tile rows (pow2 >= BY * Gw)
-    n_bands: int
-    chunks: Tuple[Tuple[int, int], ...]     # per encoder: (rows BR, columns BCW) of a key chunk
-    warps: int
-
-
-@dataclass(frozen=True)
-class WindowPlan:
-    """Block sizes of one ``window_attention`` shape and dtype (see :func:`window_plan`)."""
-    BD: int                       # head-dim tile (pow2 >= d)
-    fwd: PassPlan
-    bwd: PassPlan
-    seam_rows: Tuple[int, ...]    # per encoder: key rows a backward band shares with the previous one (max)
-    seam_offsets: Tuple[int, ...]  # per encoder: its first seam token
-    seam_tokens: int              # seam tokens per batch item, all encoders
-    num_stages: int
-    maxnreg: int                  # registers ptxas may use per thread (see MAX_REGISTERS)
-
-
-def _band_rows(win: WindowTable, i: int, BY: int) -> List[Tuple[int, int]]:
-    """Key rows ``[rs, re)`` of grid ``i`` each band of ``BY`` query rows needs."""
-    Gh = win.size[0]
-    return [(win.rows[i][y0][0], win.rows[i][min(y0 + BY, Gh) - 1][1]) for y0 in range(0, Gh, BY)]
-
-
-def _bands_ok(win: WindowTable, BY: int) -> bool:
-    """No key row is needed by two bands that are not neighbours (the seam scheme's premise)."""
-    for i in range(len(win.grids)):
-        need = _band_rows(win, i, BY)
-        if any(need[p - 1][1] > need[p + 1][0] for p in range(1, len(need) - 1)):
-            return False
-    return True
-
-
-def _chunk(w: int, rows_per_band: Sequence[int], keys: int) -> Tuple[int, int]:
-    """``(BR, BCW)`` with ``BR * BCW == keys``: the chunk shape with the fewest padded key slots
-    over the bands' rows (ties: wider chunks, fewer loop steps)."""
-    best = None
-    for bcw in sorted({min(next_pow2(w), keys)} | {c for c in (16, 32, 64) if c <= keys}):
-        br = keys // bcw
-        slots = sum(-(-r // br) * br for r in rows_per_band) * (-(-w // bcw) * bcw)
-        if best is None or (slots, -bcw) < best[0]:
-            best = ((slots, -bcw), (br, bcw))
-    return best[1]
-
-
-def _pass(win: WindowTable, query_tile: int, keys: int, warps: int) -> PassPlan:
-    """Bands of ``query_tile // Gw`` query rows (all columns), more rows when enlarging windows
-    would share a key row between non-neighbouring bands."""
-    Gh, Gw = win.size
-    BY = max(1, min(Gh, query_tile // Gw))
-    while BY < Gh and not _bands_ok(win, BY):
-        BY += 1
-    chunks = tuple(_chunk(w, [re - rs for rs, re in _band_rows(win, i, BY)], keys)
-                   for i, (_, w) in enumerate(win.grids))
-    return PassPlan(BY, max(DOT_MIN, next_pow2(BY * Gw)), -(-Gh // BY), chunks, warps)
-
-
-@functools.lru_cache(maxsize=256)
-def window_plan(size: Tuple[int, int], grids: Tuple[Tuple[int, int], ...], head_dim: int,
-                dtype: torch.dtype = torch.float16) -> WindowPlan:
-    """Block sizes for query grid ``size`` over ``grids``, head dimension ``head_dim``, inputs of
-    ``dtype`` (tiles from ``TILES``; the seam slots of the backward's bands)."""
-    win = area_windows(grids, size)
-    width = 4 if dtype == torch.float32 else 2
-    fwd = _pass(win, *TILES[("fwd", width)])
-    bwd = _pass(win, *TILES[("bwd", width)])
-    seam_rows, seam_off, off = [], [], 0
-    for i, (_, w) in enumerate(grids):
-        need = _band_rows(win, i, bwd.BY)
-        sr = max([max(0, need[p - 1][1] - need[p][0]) for p in range(1, bwd.n_bands)], default=0)
-        seam_rows.append(sr)
-        seam_off.append(off)
-        off += (bwd.n_bands - 1) * sr * w
-    return WindowPlan(max(DOT_MIN, next_pow2(head_dim)), fwd, bwd, tuple(seam_rows), tuple(seam_off), off,
-                      num_stages=2, maxnreg=MAX_REGISTERS)
 
 
 def operands(dtype: torch.dtype, device) -> Tuple[object, str]:

@@ -29,7 +29,7 @@ ROOMS = [
     # encoder adapters around the upstream libraries, their registry and weight loading
     ("encoders", ["fusion.encoders", "fusion.encoders.*"]),
     # the steps on tensors: pixels in, per-encoder inputs, align + fuse, granularity steps, projector
-    ("steps", ["fusion.resize", "fusion.preprocess", "fusion.letterbox", "fusion.roi", "fusion.multiscale",
+    ("steps", ["fusion.resize", "fusion.encoder_inputs", "fusion.preprocess", "fusion.letterbox", "fusion.roi", "fusion.multiscale",
                "fusion.merge", "fusion.sva", "fusion.sva_reference", "fusion.sequence", "fusion.levels",
                "fusion.reduce", "fusion.posembed", "fusion.projector"]),
     # the tower that composes them, its geometry, persistence and sharding

@@ -20,6 +20,7 @@ from fusion.kernels import area_windows, naive_window_attention, window_attentio
 from kernel_asserts import assert_close
 
 WA = sys.modules["fusion.kernels.window_attention"]
+WP = sys.modules["fusion.kernels._window_plan"]  # the launch plan (window_plan reads its TILES)
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 
@@ -90,8 +91,8 @@ def test_more_encoders_than_slots():
 def test_seams_many_bands_and_enlarging(monkeypatch):
     """Force small bands (2 query rows) so that nearly every band boundary has a seam, with
     enlarging grids (one key row feeds several query rows) that make the planner widen them."""
-    tiles = {k: (16, keys, warps) for k, (_, keys, warps) in WA.TILES.items()}
-    monkeypatch.setattr(WA, "TILES", tiles)
+    tiles = {k: (16, keys, warps) for k, (_, keys, warps) in WP.TILES.items()}
+    monkeypatch.setattr(WP, "TILES", tiles)
     WA.window_plan.cache_clear()
     try:
         grids, size = [(19, 8), (7, 4), (8, 8)], (20, 8)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One input an encoder takes: :class:`fusion.preprocess.EncoderInputs` makes it from
+    """One input an encoder takes: :class:`fusion.encoder_inputs.EncoderInputs` makes it from
     ``pixel_values`` (resized to ``image_size`` with ``resize`` / ``interpolation``, normalised
     with ``mean`` / ``std``) under the key ``name``."""
 
