@@ -27,6 +27,7 @@ from .distributed import encoder_blocks
 from .hf_init import fill_unloaded
 from .geometry import TowerGeometry, config_geometry, geometry_of
 from .encoder_inputs import EncoderInputs
+from .letterbox import choose_pad_colors
 from .preprocess import ImageProcessor
 from .tower import WEIGHT_MODES, MultiEncoderTower
 
@@ -283,25 +284,28 @@ class FusionImageProcessor(BaseImageProcessor):
     float32 in [0, 1], identical to ``tower.image_processor(images)``. Options:
     ``image_size`` (``S``), ``mode`` (``pad`` / ``squash`` / ``crop``), ``image_mean`` /
     ``image_std`` (reported for code that reads them, e.g. LLaVA's pad colour; not
-    applied), ``alpha``.
+    applied), ``alpha``, ``pad_color`` (the letterbox's 8-bit colour: the tower's frame
+    colour from ``processor.pad_color`` / ``mean_from``; default ``int(255 * image_mean)``).
     """
 
     model_input_names = ["pixel_values"]
 
     def __init__(self, image_size: int = 336, mode: str = "pad", image_mean: Optional[List[float]] = None,
-                 image_std: Optional[List[float]] = None, alpha: str = "drop", **kwargs):
+                 image_std: Optional[List[float]] = None, alpha: str = "drop",
+                 pad_color: Optional[List[int]] = None, **kwargs):
         kwargs.pop("image_processor_type", None)
         for key in ("size", "crop_size", "do_normalize"):  # derived, written by to_dict
             kwargs.pop(key, None)
         super().__init__(**kwargs)
-        proc = ImageProcessor(image_size, mode=mode, alpha=alpha,
-                              **{k: v for k, v in (("image_mean", image_mean), ("image_std", image_std)) if v})
+        given = (("image_mean", image_mean), ("image_std", image_std), ("pad_color", pad_color))
+        proc = ImageProcessor(image_size, mode=mode, alpha=alpha, **{k: v for k, v in given if v})
         self._proc = proc
         self.image_size = proc.image_size
         self.mode = proc.mode
         self.alpha = proc.alpha
         self.image_mean = list(proc.image_mean)
         self.image_std = list(proc.image_std)
+        self.pad_color = list(proc.pad_color)
         self.size = {"shortest_edge": proc.image_size}
         self.crop_size = {"height": proc.image_size, "width": proc.image_size}
         self.do_normalize = False
@@ -310,15 +314,18 @@ class FusionImageProcessor(BaseImageProcessor):
     def from_tower(cls, tower: MultiEncoderTower) -> "FusionImageProcessor":
         d = tower.image_processor.to_dict()
         return cls(image_size=d["size"], mode=d["mode"], image_mean=d["image_mean"], image_std=d["image_std"],
-                   alpha=d["alpha"])
+                   alpha=d["alpha"], pad_color=d["pad_color"])
 
     @classmethod
     def from_vision_config(cls, config: FusionVisionConfig) -> "FusionImageProcessor":
         """Without building the tower when the geometry is known (a saved config)."""
         tower_config = config.tower_config_object()
         config.resolve_geometry()
+        encoders = {enc.name: enc for enc in config_geometry(tower_config).encoders}  # each with its .mean
+        proc = tower_config.processor
+        frame = choose_pad_colors(proc.pad_color, encoders, None, proc.mean_from).frame
         return cls(image_size=config.image_size, mode=tower_config.processor.mode, image_mean=config.image_mean,
-                   image_std=config.image_std)
+                   image_std=config.image_std, pad_color=list(frame))
 
     def preprocess(self, images, return_tensors: Optional[str] = None, **kwargs) -> BatchFeature:
         unsupported = sorted(k for k, v in kwargs.items() if v is not None and k not in _IGNORED_KWARGS)

@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor, LlavaForCondition
 
 import fusion.hf as fhf  # noqa: E402
 from fusion import build_tower, load_config  # noqa: E402
+import fusion  # noqa: E402
 from fusion.preprocess import EncoderInputs  # noqa: E402
 from hf_helpers import NO_PROJECTOR, PROMPT, WORDS, language_model_inputs as _language_model_inputs  # noqa: E402
 from hf_helpers import image as _image, text_config as _text_config, tokenizer as _tokenizer  # noqa: E402
@@ -165,3 +166,22 @@ def test_save_and_from_pretrained_round_trip(llava, tmp_path):
         ref = model(**inputs).logits
         out = low(**inputs).logits.float()
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+@pytest.mark.parametrize("overrides", [["processor.pad_color=[10, 200, 30]"],
+                                       ["processor.pad_color=sam", "processor.mean_from=clip"]])
+def test_hf_image_processor_pads_with_the_towers_frame_colour(overrides, tmp_path):
+    """The HF image processor, built from the tower or from the config alone (and reloaded),
+    letterboxes with the tower's own frame colour, so its pixel_values equal
+    tower.image_processor's; before, it padded with int(255 * image_mean) whatever
+    processor.pad_color / mean_from said."""
+    tower = fusion.build_tower("tiny", overrides, weights="random")
+    image = _image("portrait.png")
+    want = tower.image_processor(image)["pixel_values"]
+    assert want[0, :, 0, 0].mul(255).round().tolist() == list(tower.image_processor.pad_color)  # a padded corner
+    config = fhf.FusionVisionConfig(tower="tiny", overrides=overrides, weights="random")
+    for proc in (fhf.FusionImageProcessor.from_tower(tower), fhf.FusionImageProcessor.from_vision_config(config)):
+        torch.testing.assert_close(proc(image, return_tensors="pt")["pixel_values"], want, rtol=0, atol=0)
+        proc.save_pretrained(tmp_path / "proc")
+        again = fhf.FusionImageProcessor.from_pretrained(tmp_path / "proc")
+        torch.testing.assert_close(again(image, return_tensors="pt")["pixel_values"], want, rtol=0, atol=0)
