@@ -10,7 +10,7 @@ towers interleaved so that both see the same machine load:
 
 - ``fusion``: ``tower.image_processor`` on the host (one float resize per image to the
   shared square), then on the device each encoder's resize + normalise
-  (``EncoderInputs``, once per distinct request), the encoders, ``merge.sequence``
+  (``EncoderInputs``, once per distinct request), the encoders, ``tower.fuse``
   (``fusion.kernels.grid_merge``: resample, LayerNorm, concatenate in one pass on CUDA),
   the projector.
 - ``naive``: the same encoder, LayerNorm and projector *modules*, assembled the way
@@ -154,7 +154,7 @@ def run_fusion(tower, images: List[Image.Image], clock: Clock) -> torch.Tensor:
             with clock(f"enc:{name}"):
                 grids[name] = enc(inputs[name].to(tower._encoder_dtype(enc)))
     with clock("merge"):
-        fused = tower.merge.sequence(grids).tokens
+        fused = tower.fuse(grids).tokens
     with clock("projector"):
         return tower.projector(fused)
 
