@@ -46,3 +46,22 @@ def language_model_inputs(model):
         yield seen
     finally:
         handle.remove()
+
+
+def assert_save_and_reload_round_trip(model, processor, model_class, picture, tmp_path):
+    """Save ``model`` and ``processor`` to ``tmp_path``, load both back (``model_class`` and
+    ``AutoProcessor``): the reloaded processor gives the same ``input_ids`` and ``pixel_values``
+    for ``picture`` and the reloaded model the same logits, bit for bit. Returns the loaded model."""
+    import torch
+    from transformers import AutoProcessor
+
+    inputs = processor(images=picture, text=PROMPT, return_tensors="pt")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = model_class.from_pretrained(tmp_path).eval()
+    again = AutoProcessor.from_pretrained(tmp_path)(images=picture, text=PROMPT, return_tensors="pt")
+    assert torch.equal(again["input_ids"], inputs["input_ids"])
+    assert torch.equal(again["pixel_values"], inputs["pixel_values"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    return loaded

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoConfig, AutoModel, AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
+from transformers import AutoConfig, AutoModel, LlavaForConditionalGeneration  # noqa: E402
 
 import fusion.hf as fhf  # noqa: E402
 from fusion import build_tower, load_config  # noqa: E402
@@ -12,6 +12,7 @@ import fusion  # noqa: E402
 from fusion.preprocess import EncoderInputs  # noqa: E402
 from hf_helpers import NO_PROJECTOR, PROMPT, WORDS, language_model_inputs as _language_model_inputs  # noqa: E402
 from hf_helpers import image as _image, text_config as _text_config, tokenizer as _tokenizer  # noqa: E402
+from hf_helpers import assert_save_and_reload_round_trip  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -144,15 +145,8 @@ def test_sequence_concat_token_count_is_not_a_square(tokenizer):
 def test_save_and_from_pretrained_round_trip(llava, tmp_path):
     model, processor = llava
     inputs = processor(images=_image("house.jpg"), text=PROMPT, return_tensors="pt")
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
-    reprocessor = AutoProcessor.from_pretrained(tmp_path)
-    again = reprocessor(images=_image("house.jpg"), text=PROMPT, return_tensors="pt")
-    assert torch.equal(again["input_ids"], inputs["input_ids"])
-    assert torch.equal(again["pixel_values"], inputs["pixel_values"])
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    loaded = assert_save_and_reload_round_trip(model, processor, LlavaForConditionalGeneration, _image("house.jpg"),
+                                               tmp_path)
     tower = loaded.model.vision_tower.tower
     # the loader re-creates parameters: frozen encoders must come back frozen
     for enc in tower.encoders.values():

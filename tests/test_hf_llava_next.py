@@ -5,10 +5,11 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoProcessor, LlavaNextForConditionalGeneration  # noqa: E402
+from transformers import LlavaNextForConditionalGeneration  # noqa: E402
 
 import fusion.hf as fhf  # noqa: E402
 from fusion import build_tower, load_config  # noqa: E402
+from hf_helpers import assert_save_and_reload_round_trip  # noqa: E402
 from hf_helpers import IMAGE_TOKEN_ID, NO_PROJECTOR, PROMPT, image, language_model_inputs, text_config, tokenizer  # noqa: E402,E501
 
 S, G = 98, 4  # the tiny tower's input side and fused grid
@@ -119,16 +120,8 @@ def test_batch_of_two_layouts(llava_next):
 
 def test_save_and_from_pretrained_round_trip(llava_next, tmp_path):
     model, processor = llava_next
-    inputs = processor(images=image("portrait.png"), text=PROMPT, return_tensors="pt")
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    loaded = LlavaNextForConditionalGeneration.from_pretrained(tmp_path).eval()
-    reprocessor = AutoProcessor.from_pretrained(tmp_path)
-    again = reprocessor(images=image("portrait.png"), text=PROMPT, return_tensors="pt")
-    assert torch.equal(again["input_ids"], inputs["input_ids"])
-    assert torch.equal(again["pixel_values"], inputs["pixel_values"])
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    assert_save_and_reload_round_trip(model, processor, LlavaNextForConditionalGeneration, image("portrait.png"),
+                                      tmp_path)
 
 
 def test_bad_geometry_is_refused():

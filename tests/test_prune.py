@@ -31,6 +31,16 @@ def kept_reference(named, block, blocks_prefix):
     return out
 
 
+def assert_block_output_equals_open_clip(enc, ref, block, side, grid):
+    """The pruned encoder's output on two random ``side``-pixel images equals block ``block`` of the
+    whole open_clip model ``ref`` (``forward_intermediates``), laid out ``[2, *grid, C]``."""
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        want = ref.visual.forward_intermediates(x, indices=[block], intermediates_only=True,
+                                                output_fmt="NLC")["image_intermediates"][0]
+        check_close(enc(x), want.reshape(2, *grid, -1))
+
+
 def assert_keeps_exactly(enc, reference, prefix=""):
     ours = dict(enc.model.state_dict())
     want = {prefix + k: v for k, v in reference.items()}
@@ -50,11 +60,7 @@ def test_clip_keeps_blocks_up_to_the_layer_and_no_head(tmp_path, layer, block):
     assert_keeps_exactly(enc, kept_reference(ref.visual.state_dict().items(), block, "transformer.resblocks."))
     assert enc.num_parameters() < sum(p.numel() for p in ref.visual.parameters())
     assert not any("token_embedding" in n or "text" in n for n, _ in enc.named_parameters())  # no text tower
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        want = ref.visual.forward_intermediates(x, indices=[block], intermediates_only=True,
-                                                output_fmt="NLC")["image_intermediates"][0]
-        check_close(enc(x), want.reshape(2, 4, 4, -1))
+    assert_block_output_equals_open_clip(enc, ref, block, 64, (4, 4))
 
 
 @pytest.mark.parametrize("layer, block", [(-1, 8)])
@@ -70,11 +76,7 @@ def test_siglip_trunk_loses_late_blocks_norm_and_map_head(tmp_path, layer, block
     assert trunk.attn_pool is None and len(enc.model.head) == 0
     reference = kept_reference(ref.visual.trunk.state_dict().items(), block, "blocks.")
     assert_keeps_exactly(enc, reference, prefix="trunk.")
-    x = torch.randn(2, 3, 80, 80)
-    with torch.no_grad():
-        want = ref.visual.forward_intermediates(x, indices=[block], intermediates_only=True,
-                                                output_fmt="NLC")["image_intermediates"][0]
-        check_close(enc(x), want.reshape(2, 5, 5, -1))
+    assert_block_output_equals_open_clip(enc, ref, block, 80, (5, 5))
 
 
 @pytest.mark.parametrize("layer, block", [(-2, 1)])
