@@ -62,13 +62,14 @@ class Target:
     smem_per_block: int   # the opt-in maximum of dynamic shared memory per block, bytes
     max_threads_per_sm: int
     max_blocks_per_sm: int
+    l2_bytes: int         # L2 cache: launches whose bytes fit in half of it are planned for SMs filled
     regs_per_sm: int = 65536
 
 
 TARGETS = {
-    80: Target(80, "A100 (sm_80)", 108, 163 * 1024, 2048, 32),
-    86: Target(86, "A10 / RTX 30 / A40 (sm_86)", 72, 99 * 1024, 1536, 16),
-    90: Target(90, "H100 SXM (sm_90)", 132, 227 * 1024, 2048, 32),
+    80: Target(80, "A100 (sm_80)", 108, 163 * 1024, 2048, 32, 40 << 20),
+    86: Target(86, "A10 / RTX 30 / A40 (sm_86)", 72, 99 * 1024, 1536, 16, 6 << 20),
+    90: Target(90, "H100 SXM (sm_90)", 132, 227 * 1024, 2048, 32, 50 << 20),
 }
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LOW_PRECISION = ("float16", "bfloat16")  # what towers run the fixed merge's kernels in
@@ -81,7 +82,7 @@ REPORT_BATCHES = (1, 16)
 
 @dataclass(frozen=True)
 class Call:
-    """One op call of a workload: ``fn(**kwargs, dtype=, batch=, sms=)`` returns its launches.
+    """One op call of a workload: ``fn(**kwargs, dtype=, batch=, sms=, l2=)`` returns its launches.
     ``dtypes``: the dtypes it is compiled in (those of them ``--dtypes`` asks for)."""
     workload: str
     op: str
@@ -89,28 +90,28 @@ class Call:
     kwargs: Tuple = ()
     dtypes: Tuple[str, ...] = LOW_PRECISION
 
-    def launches(self, dtype, batch: int, sms: int):
-        return self.fn(**dict(self.kwargs), dtype=dtype, batch=batch, sms=sms)
+    def launches(self, dtype, batch: int, sms: int, l2: int = 0):
+        return self.fn(**dict(self.kwargs), dtype=dtype, batch=batch, sms=sms, l2=l2)
 
 
 def _kw(**kw) -> Tuple:
     return tuple(sorted(kw.items()))
 
 
-def _gm(specs, size, mode, norm, layout, need_dx, dtype, batch, sms):
+def _gm(specs, size, mode, norm, layout, need_dx, dtype, batch, sms, l2):
     return GM.compile_launches(list(specs), size, mode, norm, layout, dtype, batch, sms, need_dx=need_dx,
-                               backward=norm == "affine" or need_dx)
+                               backward=norm == "affine" or need_dx, l2=l2)
 
 
-def _pp(grid, C, levels, dtype, batch, sms):
+def _pp(grid, C, levels, dtype, batch, sms, l2):
     return PP.compile_launches(grid, C, list(levels), dtype, batch)
 
 
-def _bp(N, C, Cm, keep, dtype, batch, sms):
+def _bp(N, C, Cm, keep, dtype, batch, sms, l2):
     return BM.compile_launches(N, C, Cm, keep, dtype, batch)
 
 
-def _wa(size, grids, heads, head_dim, dtype, batch, sms):
+def _wa(size, grids, heads, head_dim, dtype, batch, sms, l2):
     return WA.compile_launches(size, grids, heads, head_dim, dtype, batch)
 
 
@@ -265,7 +266,8 @@ def preset_calls(presets: Iterable[str], geometry: "Geometry") -> List[Call]:
 
 
 def subset_calls() -> List[Call]:
-    """The default test's representative subset, no encoders built (compiled at B = 16): each
+    """The default test's representative subset, no encoders built (compiled at B = 1, where a
+    launch that fits in L2 takes the plan that fills the SMs, and at B = 16): each
     kernel once, ``grid_merge`` on both of its resampling paths: SigLIP's 27x27x1152 with a
     trainable LayerNorm and encoder (column-by-column FMAs, two channel parts, two backward
     colours) and SAM's 64x64x256 (``tl.dot``); vsre's fused width pooled to 12/6/3/1; ToMe
@@ -333,7 +335,7 @@ def run(calls: List[Call], targets: List[Target], dtypes: List[str], all_batches
                 if dname not in call.dtypes:
                     continue
                 for B in batches:
-                    for i, launch in enumerate(call.launches(DTYPES[dname], B, t.sms)):
+                    for i, launch in enumerate(call.launches(DTYPES[dname], B, t.sms, t.l2_bytes)):
                         k = compile_key(launch, t.arch)
                         if k not in compiled:
                             t0 = time.perf_counter()
@@ -419,7 +421,7 @@ def main(argv=None) -> int:
     calls = subset_calls() if args.subset else preset_calls(args.presets.split(","), geometry)
     geometry.save()
     t0 = time.perf_counter()
-    rows = run(calls, targets, dtypes, args.all_batches, report=(16,) if args.subset else REPORT_BATCHES)
+    rows = run(calls, targets, dtypes, args.all_batches, report=REPORT_BATCHES)
     csv_path, md_path = write(rows, Path(args.out), args.tag)
     if args.json:
         Path(args.json).write_text(json.dumps(rows))

@@ -89,10 +89,11 @@ def old_launches(old, h, C, B, sms, dtype):
     return fwd + bwd
 
 
-def new_launches(h, C, B, sms, dtype):
+def new_launches(h, C, B, target, dtype):
     from fusion.kernels import grid_merge  # noqa: F401
     gm = sys.modules["fusion.kernels.grid_merge"]
-    return gm.compile_launches([(h, h, C)], (TARGET, TARGET), "area", "affine", "channel", dtype, B, sms)
+    return gm.compile_launches([(h, h, C)], (TARGET, TARGET), "area", "affine", "channel", dtype, B, target.sms,
+                               l2=target.l2_bytes)
 
 
 def describe(launches, arch):
@@ -145,7 +146,7 @@ def main(argv=None):
         rows = []
         for name, h, C in SHAPES:
             before = {B: describe(old_launches(old, h, C, B, sms, dtype), args.arch) for B in (1, 16)}
-            after = {B: describe(new_launches(h, C, B, sms, dtype), args.arch) for B in (1, 16)}
+            after = {B: describe(new_launches(h, C, B, TARGETS[args.arch], dtype), args.arch) for B in (1, 16)}
             rows.append((name, h, C, before, after))
             print(name, h, C, before[16], after[16], flush=True)
     text = table(rows, args.arch)

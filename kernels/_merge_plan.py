@@ -45,6 +45,17 @@ interpreter, CPU tests and compile report see the same launches):
   bytes include each program's LayerNorm parameters and ``dweight`` / ``dbias`` partial
   sums (``C`` floats each), which make many small programs costly.
   On the CPU (no SM count) that is the plan with the fewest bytes.
+- Small launches: when a launch's whole footprint (its minimal bytes, all batch items) fits
+  in ``L2_SHARE`` of the device's L2 cache (B = 1 of every vsre grid on an A100 or H100),
+  a re-read byte is an L2 hit, not a DRAM byte. There the planner bounds the *DRAM* bytes
+  (``unique``: every input and output byte once, the LayerNorm parameters once, each
+  program's ``dweight`` / ``dbias`` partials) by ``PLAN_LIMIT`` and the *requested* bytes
+  (``ratio``, what the programs load and store) by ``L2_REQUEST_LIMIT``, and takes the plan
+  nearest one program per SM: at B = 1 a launch is bound by how many SMs work, not by
+  DRAM. The forward then fills the SMs at B = 1. The backward cannot within the limit: its
+  partial sums cost ``8 C`` bytes a program (two fp32 vectors; no atomics, deterministic),
+  and a 24 x 24 grid of frozen-encoder LayerNorm gradients has ``576 x 4 C`` bytes to
+  move, so more than ~23 programs would pass 1.08x.
 
 Overlap. Area windows of a non-integer ratio (27->24, 37->24, 64->24) share their boundary
 row or column with the next window. A program streams its input rows once, carrying the
@@ -60,7 +71,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 from ._plan import _covering, next_pow2, pow2_floor, two_slots
 from ._weights import tap_ranges
@@ -71,6 +82,8 @@ NO_NORM_BC = 128
 DOT_MIN = 16  # tl.dot needs every dimension >= 16; also the columns per dot step
 MAX_NORM_CHANNELS = 5120
 PLAN_LIMIT = 1.08
+L2_SHARE = 0.5         # a launch whose minimal bytes fit in this share of L2 re-reads from L2
+L2_REQUEST_LIMIT = 2.0  # requested bytes / minimal bytes allowed for such a launch
 NUM_STAGES = 2
 MAXNREG = 255
 
@@ -180,11 +193,36 @@ def _table_share(s: int, width: int, C: int, es: int) -> float:
     return 0.0 if next_pow2(s) >= DOT_MIN else 4.0 * width / (C * es)
 
 
-def _pick(cands, target: int):
-    """Among ``(programs, ratio, payload)`` within PLAN_LIMIT (else the least bytes): the one
-    nearest ``target`` programs (from below), then fewer bytes, then fewer programs."""
-    ok = [c for c in cands if c[1] <= PLAN_LIMIT] or [min(cands, key=lambda c: c[1])]
-    return min(ok, key=lambda c: (-min(c[0], target), round(c[1], 6), c[0]))
+class Candidate(NamedTuple):
+    """One launch plan: programs (per batch item, per launch), requested bytes and DRAM bytes
+    (both / minimal bytes), and what it is (segment width, bands)."""
+    programs: int
+    ratio: float
+    unique: float
+    payload: Tuple[int, int]
+
+
+def _pick(cands, target: int, resident: bool = False):
+    """Among plans within the byte limits (else the least bytes): the one nearest ``target``
+    programs (from below), then fewer bytes, then fewer programs. ``resident``: the launch
+    fits in L2, so the DRAM bytes are held to PLAN_LIMIT and the requested ones to
+    L2_REQUEST_LIMIT (see the module docstring)."""
+    if resident:
+        ok = [c for c in cands if c.unique <= PLAN_LIMIT and c.ratio <= L2_REQUEST_LIMIT]
+    else:
+        ok = [c for c in cands if c.ratio <= PLAN_LIMIT]
+    ok = ok or [min(cands, key=lambda c: c.ratio)]
+    return min(ok, key=lambda c: (-min(c.programs, target), round(c.ratio, 6), c.programs))
+
+
+def _resident(minimal: int, C: int, es: int, batch: int, l2: int) -> bool:
+    """Whether a launch's minimal bytes fit in ``L2_SHARE`` of an L2 of ``l2`` bytes."""
+    return l2 > 0 and minimal * C * es * batch <= L2_SHARE * l2
+
+
+def _touched(rng) -> int:
+    """Inputs any output reads (the union of the taps)."""
+    return len({j for lo, hi in rng for j in range(lo, hi)})
 
 
 def _too_wide(C: int) -> ValueError:
@@ -194,13 +232,14 @@ def _too_wide(C: int) -> ValueError:
 
 @functools.lru_cache(maxsize=1024)
 def _fwd_candidates(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, n_vec: int, es: int):
-    """``(programs per batch item, bytes / minimal bytes, (segment width, bands))`` of every plan."""
+    """Every plan as a :class:`Candidate` (programs per batch item)."""
     r_max = max_positions(C, norm, "fwd", two_slots(h, H, mode), False, n_vec)
     if r_max < 1:
         raise _too_wide(C)
     cols, rows = tap_ranges(w, W, mode), tap_ranges(h, H, mode)
     n_ct = channel_parts(C, norm)[3]
     minimal = h * w + H * W
+    unique = (_touched(rows) * _touched(cols) + H * W + n_vec * 4 / es) / minimal  # parameters once
     row_cost = [sum(_span(rows, a, b) for a, b in _bands(H, k)) for k in range(1, H + 1)]
     cands = []
     for s in range(1, min(r_max, W) + 1):
@@ -209,17 +248,19 @@ def _fwd_candidates(h: int, w: int, H: int, W: int, C: int, mode: str, norm: boo
         for k in range(1, H + 1):
             progs = len(segs) * k
             moved = col_cost * row_cost[k - 1] + H * W + progs * n_vec * 4 / es  # + LayerNorm parameters
-            cands.append((progs * n_ct, moved / minimal, (s, k)))
+            cands.append(Candidate(progs * n_ct, moved / minimal, unique, (s, k)))
     return tuple(cands)
 
 
 def fwd_plan(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, batch: int, sms: int,
-             n_vec: int = 2, es: int = 2) -> FwdPlan:
-    """The forward launch for ``[B, h, w, C] -> [B, H, W, C]`` on a device with ``sms`` SMs;
-    ``n_vec``: LayerNorm weight and bias vectors present; ``es``: bytes per element (the FMA
-    path's column weights, 4 bytes per position and column, count against the grid's)."""
+             n_vec: int = 2, es: int = 2, l2: int = 0) -> FwdPlan:
+    """The forward launch for ``[B, h, w, C] -> [B, H, W, C]`` on a device with ``sms`` SMs
+    and ``l2`` bytes of L2 cache (0: unknown / CPU); ``n_vec``: LayerNorm weight and bias
+    vectors present; ``es``: bytes per element (the FMA path's column weights, 4 bytes per
+    position and column, count against the grid's)."""
     cands = _fwd_candidates(h, w, H, W, C, mode, norm, n_vec, es)
-    _, ratio, (s, k) = _pick([(p * batch, r, x) for p, r, x in cands], max(1, sms))
+    resident = _resident(h * w + H * W, C, es, batch, l2)
+    _, ratio, _, (s, k) = _pick([c._replace(programs=c.programs * batch) for c in cands], max(1, sms), resident)
     table = tuple((a, b, y0, y1) for y0, y1 in _bands(H, k) for a, b in _segments(W, s))
     return FwdPlan(make_tile(C, norm, "fwd", s), table, ratio)
 
@@ -246,13 +287,16 @@ def _colours(w: int, W: int, mode: str, s: int) -> Tuple[Tuple[int, ...], Tuple[
 @functools.lru_cache(maxsize=1024)
 def _bwd_candidates(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, need_dx: bool,
                     n_vec: int, es: int):
-    """As :func:`_fwd_candidates`, programs counted per launch (colour)."""
+    """As :func:`_fwd_candidates`, programs counted per launch (colour); the DRAM bytes count
+    each program's partial sums (its ``n_vec`` vectors but the weight, read once)."""
     r_max = max_positions(C, norm, "bwd", two_slots(h, H, mode), need_dx, n_vec)
     if r_max < 1:
         raise _too_wide(C)
     cols, rows = tap_ranges(w, W, mode), tap_ranges(h, H, mode)
     n_ct = channel_parts(C, norm)[3]
     minimal = (h * w if norm else 0) + H * W + (h * w if need_dx else 0)
+    has_w = n_vec >= 2  # n_vec = 2 * has_w + has_b
+    once = (_touched(rows) * _touched(cols) if norm else 0) + H * W + (h * w if need_dx else 0) + has_w * 4 / es
     band_rows = []
     for k in range(1, h + 1):
         cov = [_covering(h, H, mode, r0, r1) for r0, r1 in _bands(h, k)]
@@ -268,16 +312,21 @@ def _bwd_candidates(h: int, w: int, H: int, W: int, C: int, mode: str, norm: boo
         for k in range(1, h + 1):
             xr, gr = band_rows[k - 1]
             params = len(segs) * k * n_vec * 4 / es  # LayerNorm weight in, dweight / dbias partials out
-            cands.append((per_launch * k * n_ct, (x_cols * xr + gr * W + dx_cols * h + params) / minimal, (s, k)))
+            partials = len(segs) * k * (n_vec - has_w) * 4 / es
+            cands.append(Candidate(per_launch * k * n_ct, (x_cols * xr + gr * W + dx_cols * h + params) / minimal,
+                                   (once + partials) / minimal, (s, k)))
     return tuple(cands)
 
 
 def bwd_plan(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, need_dx: bool,
-             batch: int, sms: int, n_vec: int = 3, es: int = 2) -> BwdPlan:
+             batch: int, sms: int, n_vec: int = 3, es: int = 2, l2: int = 0) -> BwdPlan:
     """The backward launches (one per colour) for the grid of :func:`fwd_plan`; ``n_vec``:
-    LayerNorm weight, its gradient's and the bias gradient's partial sums present."""
+    LayerNorm weight, its gradient's and the bias gradient's partial sums present; ``l2``:
+    as in :func:`fwd_plan`."""
     cands = _bwd_candidates(h, w, H, W, C, mode, norm, need_dx, n_vec, es)
-    _, ratio, (s, k) = _pick([(p * batch, r, x) for p, r, x in cands], max(1, sms))
+    minimal = (h * w if norm else 0) + H * W + (h * w if need_dx else 0)
+    resident = _resident(minimal, C, es, batch, l2)
+    _, ratio, _, (s, k) = _pick([c._replace(programs=c.programs * batch) for c in cands], max(1, sms), resident)
     segs = _segments(W, s)
     first, emit, m = _colours(w, W, mode, s)
     bands = [(r0, r1) + _covering(h, H, mode, r0, r1) for r0, r1 in _bands(h, k)]

@@ -113,6 +113,13 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def l2_bytes(device: torch.device) -> int:
+    """L2 cache of a CUDA device in bytes; 0 elsewhere (no launch counts as L2-resident)."""
+    if device.type != "cuda":
+        return 0
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
+
+
 _BLOCK_TABLES: Dict[tuple, torch.Tensor] = {}
 
 

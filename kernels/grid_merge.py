@@ -35,7 +35,8 @@ from . import _validate as V
 from ._canonical import require_canonical
 from ._launch import Launch, run_all
 from ._merge_plan import MAX_NORM_CHANNELS, MAXNREG, NUM_STAGES, bwd_plan, fits, fwd_plan
-from ._plan import axis_tables, dense_table, dot_precision, int_table, out_slices as _out_slices, sm_count, two_slots
+from ._plan import (axis_tables, dense_table, dot_precision, int_table, l2_bytes, out_slices as _out_slices,
+                    sm_count, two_slots)
 from ._grid_merge_jit import _grid_merge_bwd_kernel, _grid_merge_fwd_kernel
 from .reference import grid_merge_reference
 
@@ -54,16 +55,23 @@ def _devices_sms(dev: torch.device, sms: Optional[int]) -> int:
     return sm_count(dev) if sms is None else int(sms)
 
 
+def _devices_l2(dev: torch.device, sms: Optional[int], l2: Optional[int]) -> int:
+    """The L2 bytes to plan for: given, else the device's when its SM count is (0 on a CPU)."""
+    return int(l2) if l2 is not None else (l2_bytes(dev) if sms is None else 0)
+
+
 def forward_launches(grids: Sequence[Tensor], weights: Sequence[Optional[Tensor]],
                      biases: Sequence[Optional[Tensor]], normalize: Sequence[bool], H: int, W: int,
-                     mode: str, eps: float, layout: str, sms: Optional[int] = None
-                     ) -> Tuple[Tensor, List[Launch]]:
+                     mode: str, eps: float, layout: str, sms: Optional[int] = None,
+                     l2: Optional[int] = None) -> Tuple[Tensor, List[Launch]]:
     """The merged output (allocated, not yet written) and the launches that write it.
 
     ``grids[i]``: ``[B, h_i, w_i, C_i]``. ``sms``: plan for a device with this many SMs
-    (None: the grids' device; 0: one program per column segment, the CPU plan).
+    (None: the grids' device; 0: one program per column segment, the CPU plan); ``l2``: and
+    this many bytes of L2 cache (None: the device's when ``sms`` is None, else 0).
     """
     B, dev, dtype = grids[0].shape[0], grids[0].device, grids[0].dtype
+    l2 = _devices_l2(dev, sms, l2)
     sms = _devices_sms(dev, sms)
     sizes = [g.shape[-1] for g in grids]
     if layout == "channel":
@@ -74,7 +82,7 @@ def forward_launches(grids: Sequence[Tensor], weights: Sequence[Optional[Tensor]
     for x, wt, bs, norm, o in zip(grids, weights, biases, normalize, _out_slices(out, sizes, H * W, layout)):
         _, h, w, C = x.shape
         pl = fwd_plan(h, w, H, W, C, mode, bool(norm), B, sms,
-                      int(bool(norm) and wt is not None) + int(bool(norm) and bs is not None), x.element_size())
+                      int(bool(norm) and wt is not None) + int(bool(norm) and bs is not None), x.element_size(), l2)
         t = pl.tile
         r_idx, r_wt = axis_tables(h, H, mode, dev)
         c_idx, c_wt = axis_tables(w, W, mode, dev)
@@ -91,22 +99,25 @@ def forward_launches(grids: Sequence[Tensor], weights: Sequence[Optional[Tensor]
 
 def grid_merge_forward(grids: Sequence[Tensor], weights: Sequence[Optional[Tensor]],
                        biases: Sequence[Optional[Tensor]], normalize: Sequence[bool], H: int, W: int,
-                       mode: str, eps: float, layout: str, sms: Optional[int] = None) -> Tensor:
+                       mode: str, eps: float, layout: str, sms: Optional[int] = None,
+                       l2: Optional[int] = None) -> Tensor:
     """Triton forward. ``grids[i]``: ``[B, h_i, w_i, C_i]``; returns the merged tokens."""
-    out, launches = forward_launches(grids, weights, biases, normalize, H, W, mode, eps, layout, sms)
+    out, launches = forward_launches(grids, weights, biases, normalize, H, W, mode, eps, layout, sms, l2)
     run_all(launches)
     return out
 
 
 def backward_launches(grad: Tensor, grids: Sequence[Tensor], weights: Sequence[Optional[Tensor]],
                       biases: Sequence[Optional[Tensor]], normalize: Sequence[bool], need_dx: Sequence[bool],
-                      H: int, W: int, mode: str, eps: float, layout: str, sms: Optional[int] = None):
+                      H: int, W: int, mode: str, eps: float, layout: str, sms: Optional[int] = None,
+                      l2: Optional[int] = None):
     """``(dxs, dweight partials, dbias partials, launches)``: buffers allocated, not written.
 
     Per grid one launch per colour (see :mod:`._merge_plan`), in order. Partials are
     ``[B * programs, C]`` fp32 rows, one per program, summed by :func:`grid_merge_backward`.
     """
     B, dev = grids[0].shape[0], grids[0].device
+    l2 = _devices_l2(dev, sms, l2)
     sms = _devices_sms(dev, sms)
     n = len(grids)
     dxs, dwps, dbps = [None] * n, [None] * n, [None] * n
@@ -118,7 +129,7 @@ def backward_launches(grad: Tensor, grids: Sequence[Tensor], weights: Sequence[O
         has_w, has_b = norm and weights[i] is not None, norm and biases[i] is not None
         if not (need_dx[i] or has_w or has_b):
             continue
-        pl = bwd_plan(h, w, H, W, C, mode, norm, bool(need_dx[i]), B, sms, 2 * has_w + has_b, x.element_size())
+        pl = bwd_plan(h, w, H, W, C, mode, norm, bool(need_dx[i]), B, sms, 2 * has_w + has_b, x.element_size(), l2)
         t = pl.tile
         dx = torch.empty(x.shape, device=dev, dtype=x.dtype) if need_dx[i] else x
         dwp = torch.empty(B * pl.n_slots, C, device=dev, dtype=torch.float32) if has_w else x
@@ -142,11 +153,11 @@ def backward_launches(grad: Tensor, grids: Sequence[Tensor], weights: Sequence[O
 def grid_merge_backward(grad: Tensor, grids: Sequence[Tensor], weights: Sequence[Optional[Tensor]],
                         biases: Sequence[Optional[Tensor]], normalize: Sequence[bool],
                         need_dx: Sequence[bool], H: int, W: int, mode: str, eps: float, layout: str,
-                        sms: Optional[int] = None) -> List[Tensor]:
+                        sms: Optional[int] = None, l2: Optional[int] = None) -> List[Tensor]:
     """Triton backward. Returns ``[dx_i...] + [dweight_i...] + [dbias_i...]``; entries not
     needed (``need_dx`` False, no weight / bias) are empty ``[0]`` tensors."""
     dxs, dwps, dbps, launches = backward_launches(grad, grids, weights, biases, normalize, need_dx,
-                                                  H, W, mode, eps, layout, sms)
+                                                  H, W, mode, eps, layout, sms, l2)
     run_all(launches)
     def empty():  # a new one each time: custom-op outputs must not alias each other
         return grad.new_empty(0)
@@ -158,9 +169,10 @@ def grid_merge_backward(grad: Tensor, grids: Sequence[Tensor], weights: Sequence
 
 def compile_launches(specs: Sequence[Tuple[int, int, int]], size: Tuple[int, int], mode: str, norm: str,
                      layout: str, dtype: torch.dtype, batch: int, sms: int, need_dx: bool = True,
-                     backward: bool = True) -> List[Launch]:
+                     backward: bool = True, l2: int = 0) -> List[Launch]:
     """The launches a ``grid_merge`` of ``[batch, h, w, C]`` grids (``specs``) makes on a device
-    with ``sms`` SMs, built on CPU tensors for ``benchmarks/compile_report.py`` (nothing runs).
+    with ``sms`` SMs and ``l2`` bytes of L2, built on CPU tensors for
+    ``benchmarks/compile_report.py`` (nothing runs).
 
     ``norm``: ``"none"``, ``"affine"`` (LayerNorm with weight and bias) or ``"plain"``.
     """
@@ -168,10 +180,10 @@ def compile_launches(specs: Sequence[Tuple[int, int, int]], size: Tuple[int, int
     grids = [torch.empty(batch, h, w, c, dtype=dtype) for h, w, c in specs]
     params = [torch.empty(c, dtype=torch.float32) if norm == "affine" else None for _, _, c in specs]
     normalize = [norm != "none"] * len(specs)
-    out, launches = forward_launches(grids, params, params, normalize, H, W, mode, 1e-5, layout, sms)
+    out, launches = forward_launches(grids, params, params, normalize, H, W, mode, 1e-5, layout, sms, l2)
     if backward:
         launches += backward_launches(torch.empty_like(out), grids, params, params, normalize,
-                                      [need_dx] * len(specs), H, W, mode, 1e-5, layout, sms)[3]
+                                      [need_dx] * len(specs), H, W, mode, 1e-5, layout, sms, l2)[3]
     return launches
 
 

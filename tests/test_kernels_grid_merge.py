@@ -136,7 +136,8 @@ def most_programs(monkeypatch):
     segments (``R = 1``: the FMA path), one-row bands, shared backward columns written
     colour by colour."""
     MP = sys.modules["fusion.kernels._merge_plan"]
-    monkeypatch.setattr(MP, "_pick", lambda cands, target: min(cands, key=lambda c: (c[2][0], -c[2][1])))
+    monkeypatch.setattr(MP, "_pick", lambda cands, target, resident=False:
+                        min(cands, key=lambda c: (c.payload[0], -c.payload[1])))
     yield MP
 
 
@@ -155,6 +156,24 @@ def test_multi_program_plans_match_one_program(mode, h, H, most_programs):
     grads = [GM.grid_merge_backward(g, *args, [True], H, H, mode, 1e-5, "channel", sms=sms) for sms in (0, 1000)]
     for a, c in zip(*grads):
         assert_close(c, a, 1e-6, "multi-program backward")
+
+
+def test_small_batch_plans_match_one_program(h=27):
+    """At B = 1 a grid that fits in L2 takes the plan that fills the SMs (narrow segments,
+    many bands, see kernels/_merge_plan.py): the same result as the one-program CPU plan."""
+    MP = sys.modules["fusion.kernels._merge_plan"]
+    x = torch.randn(1, h, h, 40)
+    w, b = torch.randn(40), torch.randn(40)
+    g = torch.randn(1, 24 * 24, 40)
+    args = ([x], [w], [b], [True])
+    h100 = dict(sms=132, l2=50 << 20)
+    assert len(MP.fwd_plan(h, h, 24, 24, 40, "area", True, 1, **h100, n_vec=2, es=4).progs) >= 132
+    outs = [GM.grid_merge_forward(*args, 24, 24, "area", 1e-5, "channel", **kw) for kw in (dict(sms=0), h100)]
+    assert_close(outs[1], outs[0], 1e-6, "small-batch forward")
+    grads = [GM.grid_merge_backward(g, *args, [True], 24, 24, "area", 1e-5, "channel", **kw)
+             for kw in (dict(sms=0), h100)]
+    for a, c in zip(*grads):
+        assert_close(c, a, 1e-6, "small-batch backward")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
