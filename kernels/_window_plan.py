@@ -2,6 +2,16 @@
 
 A pure function of the shapes and the dtype (:func:`window_plan`), shared by the launchers
 and the compile report. Layouts and the kernels' contract: :mod:`.window_attention`.
+
+Pipeline stages (``STAGES``): 2 (the next key / value chunk's load overlaps this chunk's
+dots), except the fp32 backward, which runs 1. With 2 it needed 255 registers (the cap)
+and spilled 16 B/thread on sm_90 over vsre's four grids (24 <- 24, 27, 64, 24; 16 heads x
+64; 244 registers over dinosiglip's two); with 1 every fp32 backward of the compile report
+compiles without spills in 147-252 registers on sm_80/86/90 (vsre 216-226; every one still
+spill-free under a 232-register cap) and 4 KiB less shared memory (one chunk buffer fewer). The
+alternative of 16 warps x 128 registers at 2 stages is spill-free too, but only at exactly
+that cap (120 spills 16 B on sm_90), so it was not taken. Cost: that pass's key / value loads
+are no longer prefetched a chunk ahead, a price not yet timed on a GPU.
 """
 from __future__ import annotations
 
@@ -25,6 +35,8 @@ MAX_REGISTERS = 255
 # dq and p, ds, dk, dv per chunk, hence the smaller query tile.
 TILES = {("fwd", 2): (128, 32, 8), ("fwd", 4): (64, 16, 8),
          ("bwd", 2): (64, 32, 8), ("bwd", 4): (64, 16, 8)}
+# num_stages per pass and operand width (see the module docstring: the fp32 backward's spills)
+STAGES = {("fwd", 2): 2, ("fwd", 4): 2, ("bwd", 2): 2, ("bwd", 4): 1}
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,7 @@ class PassPlan:
     n_bands: int
     chunks: Tuple[Tuple[int, int], ...]     # per encoder: (rows BR, columns BCW) of a key chunk
     warps: int
+    stages: int                             # num_stages (STAGES)
 
 
 @dataclass(frozen=True)
@@ -46,7 +59,6 @@ class WindowPlan:
     seam_rows: Tuple[int, ...]    # per encoder: key rows a backward band shares with the previous one (max)
     seam_offsets: Tuple[int, ...]  # per encoder: its first seam token
     seam_tokens: int              # seam tokens per batch item, all encoders
-    num_stages: int
     maxnreg: int                  # registers ptxas may use per thread (see MAX_REGISTERS)
 
 
@@ -77,7 +89,7 @@ def _chunk(w: int, rows_per_band: Sequence[int], keys: int) -> Tuple[int, int]:
     return best[1]
 
 
-def _pass(win: WindowTable, query_tile: int, keys: int, warps: int) -> PassPlan:
+def _pass(win: WindowTable, query_tile: int, keys: int, warps: int, stages: int) -> PassPlan:
     """Bands of ``query_tile // Gw`` query rows (all columns), more rows when enlarging windows
     would share a key row between non-neighbouring bands."""
     Gh, Gw = win.size
@@ -86,18 +98,18 @@ def _pass(win: WindowTable, query_tile: int, keys: int, warps: int) -> PassPlan:
         BY += 1
     chunks = tuple(_chunk(w, [re - rs for rs, re in _band_rows(win, i, BY)], keys)
                    for i, (_, w) in enumerate(win.grids))
-    return PassPlan(BY, max(DOT_MIN, next_pow2(BY * Gw)), -(-Gh // BY), chunks, warps)
+    return PassPlan(BY, max(DOT_MIN, next_pow2(BY * Gw)), -(-Gh // BY), chunks, warps, stages)
 
 
 @functools.lru_cache(maxsize=256)
 def window_plan(size: Tuple[int, int], grids: Tuple[Tuple[int, int], ...], head_dim: int,
                 dtype: torch.dtype = torch.float16) -> WindowPlan:
     """Block sizes for query grid ``size`` over ``grids``, head dimension ``head_dim``, inputs of
-    ``dtype`` (tiles from ``TILES``; the seam slots of the backward's bands)."""
+    ``dtype`` (tiles from ``TILES``, stages from ``STAGES``; the seam slots of the backward's bands)."""
     win = area_windows(grids, size)
     width = 4 if dtype == torch.float32 else 2
-    fwd = _pass(win, *TILES[("fwd", width)])
-    bwd = _pass(win, *TILES[("bwd", width)])
+    fwd = _pass(win, *TILES[("fwd", width)], STAGES[("fwd", width)])
+    bwd = _pass(win, *TILES[("bwd", width)], STAGES[("bwd", width)])
     seam_rows, seam_off, off = [], [], 0
     for i, (_, w) in enumerate(grids):
         need = _band_rows(win, i, bwd.BY)
@@ -106,4 +118,4 @@ def window_plan(size: Tuple[int, int], grids: Tuple[Tuple[int, int], ...], head_
         seam_off.append(off)
         off += (bwd.n_bands - 1) * sr * w
     return WindowPlan(max(DOT_MIN, next_pow2(head_dim)), fwd, bwd, tuple(seam_rows), tuple(seam_off), off,
-                      num_stages=2, maxnreg=MAX_REGISTERS)
+                      maxnreg=MAX_REGISTERS)

@@ -132,7 +132,7 @@ def forward_launches(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor]
             "window_attention.fwd", _window_attention_fwd_kernel, launch_grid(plan.fwd, B, heads),
             (q, out, lse, runs[g[0]:], *ptrs, scale * LOG2E),
             dict(**_shape_consts(win, g, plan, d, heads, "fwd"), **_operand_consts(q.dtype, gpu)),
-            plan.fwd.warps, plan.num_stages, plan.maxnreg if gpu else None))
+            plan.fwd.warps, plan.fwd.stages, plan.maxnreg if gpu else None))
         outs.append(out)
         lses.append(lse)
     return outs, lses, launches
@@ -181,7 +181,7 @@ def backward_launches(grad: Tensor, q: Tensor, keys: Sequence[Tensor], values: S
             (q, out, grad, lse, dq, runs[g[0]:], seam if seam.numel() else q, B * plan.seam_tokens * HD,
              *ptrs, scale * LOG2E, scale),
             dict(**_shape_consts(win, g, plan, d, heads, "bwd"), **_operand_consts(q.dtype, gpu)),
-            plan.bwd.warps, plan.num_stages, plan.maxnreg if gpu else None))
+            plan.bwd.warps, plan.bwd.stages, plan.maxnreg if gpu else None))
         dqs.append(dq)
     return dqs, dks, dvs, seam, launches
 
