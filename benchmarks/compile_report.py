@@ -16,8 +16,9 @@ table reports programs at B = 1 and B = 16 against each target's SMs.
     python benchmarks/compile_report.py --subset              # the default test's subset
     python benchmarks/compile_report.py --presets tiny --targets 90 --dtypes float16
 
-A row fails on a compile error, shared memory over the target's per-block limit, or
-spills over ``SPILL_LIMIT`` bytes per thread; ``--check`` exits 1 on any failing row.
+A row fails on a compile error, shared memory over the target's per-block limit, a block
+whose registers exceed an SM's register file (it cannot launch), or spills over
+``SPILL_LIMIT`` bytes per thread; ``--check`` exits 1 on any failing row.
 Needs TRITON_INTERPRET unset. Adding a kernel: give its module ``compile_launches`` and
 add a workload function to ``WORKLOADS`` (see the README's kernel section).
 """
@@ -288,11 +289,15 @@ def subset_calls() -> List[Call]:
 # Compiling and reporting
 # --------------------------------------------------------------------------------------
 
+def block_registers(c: Compiled) -> int:
+    """Registers one block takes from the SM's register file (allocated per warp in units of 256)."""
+    return -(-max(c.regs, 1) * 32 // 256) * 256 * c.num_warps
+
+
 def resident_blocks(c: Compiled, t: Target) -> int:
     """Blocks one SM holds at once (registers in 256-register warp units, shared memory, threads)."""
     threads = 32 * c.num_warps
-    regs_warp = -(-max(c.regs, 1) * 32 // 256) * 256
-    by_regs = t.regs_per_sm // (regs_warp * c.num_warps)
+    by_regs = t.regs_per_sm // block_registers(c)
     by_smem = (t.smem_per_block // c.shared) if c.shared else t.max_blocks_per_sm
     return max(0, min(by_regs, by_smem, t.max_threads_per_sm // threads, t.max_blocks_per_sm))
 
@@ -302,6 +307,9 @@ def failure(c: Compiled, t: Target) -> str:
         return "compile error: " + c.error
     if c.shared > t.smem_per_block:
         return f"shared memory {c.shared} B > {t.smem_per_block} B"
+    if block_registers(c) > t.regs_per_sm:  # the launch cannot run (too many resources requested)
+        return (f"registers {c.regs}/thread x {32 * c.num_warps} threads = {block_registers(c)} "
+                f"> the {t.regs_per_sm}-register file of an SM")
     if c.spills > SPILL_LIMIT:
         return f"spills {c.spills} B/thread > {SPILL_LIMIT}"
     return ""
@@ -396,7 +404,8 @@ def summary(rows: List[dict]) -> str:
                      f"{rng(b16)} | {r0['resident_per_sm']} | {len(wl)} | {'; '.join(fails) or 'ok'} |")
     bad = sum(1 for r in rows if r["failure"])
     head = (f"# Compile report\n\n{len(rows)} launches ({len(groups)} distinct kernel builds x targets); "
-            f"{bad} failing (compile error, shared memory over the per-block limit, or spills over "
+            f"{bad} failing (compile error, shared memory over the per-block limit, registers over the SM's "
+            f"register file, or spills over "
             f"{SPILL_LIMIT} B/thread). Per-launch rows: the CSV beside this file.\n\n")
     return head + "\n".join(lines) + "\n"
 

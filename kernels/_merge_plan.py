@@ -23,6 +23,13 @@ interpreter, CPU tests and compile report see the same launches):
   LayerNorm 3 / 1-2. A non-power-of-two LayerNorm backward that writes the input gradient
   and a weight gradient counts one tile more: Triton converts whole tiles between the two
   channel parts' register layouts there (measured: ``benchmarks/compile_report.py``).
+  Measured (trainable backward, 8 warps, 255-register cap, fp16/bf16, sm_90/86/80): one
+  1024-channel part at ``R = 8`` takes 232-248 registers, no spill; SigLIP's 1152 =
+  1024 + 128 at ``R = 8`` takes 255 and spills 232-312 B/thread (its ``[8, 128]`` part
+  puts warps along ``R``, and Triton converts the ``[8, 1024]`` tiles into that layout
+  for the LayerNorm backward, through shared memory; at 16 warps it takes 239-247
+  registers x 512 threads, more than an SM's register file), so that shape keeps
+  ``R = 4`` (233-245 registers, no spill) and its trainable backward moves 1.14x.
   The ``tl.dot`` path counts two tiles more (its ``[16, BC]`` input tile and the copies
   of the product in the mma layout).
   ``R`` is the largest power of two within the budget, so registers do not grow with

@@ -223,17 +223,18 @@ def layer_norm_backward(g1, g2, xh1, xh2, rstd, w1, w2, own, m1, m2, C, HAS_W: t
                         HAS_B: tl.constexpr, HAS_REST: tl.constexpr):
     """LayerNorm backward of one output row: ``g*`` the output gradient, ``xh*`` the
     normalised row, ``w*`` the weight. Returns the gradient before normalisation and this
-    row's ``dweight`` / ``dbias`` contributions of the positions ``own`` marks."""
+    row's ``dweight`` / ``dbias`` contributions of the positions ``own`` (``[R, 1]``, 1.0 or
+    0.0) marks."""
     db1 = 0.0
     db2 = 0.0
     dw1 = 0.0
     dw2 = 0.0
     if HAS_B:
-        db1 = tl.reduce(tl.where(own, g1, 0.0), 0, _sum)
-        db2 = tl.reduce(tl.where(own, g2, 0.0), 0, _sum)
+        db1 = tl.reduce(g1 * own, 0, _sum)
+        db2 = tl.reduce(g2 * own, 0, _sum)
     if HAS_W:
-        dw1 = tl.reduce(tl.where(own, g1 * xh1, 0.0), 0, _sum)
-        dw2 = tl.reduce(tl.where(own, g2 * xh2, 0.0), 0, _sum)
+        dw1 = tl.reduce(g1 * xh1 * own, 0, _sum)
+        dw2 = tl.reduce(g2 * xh2 * own, 0, _sum)
         g1 = g1 * w1[None, :]
         g2 = g2 * w2[None, :]
     k1 = tl.reduce(g1 * xh1, 1, _sum)

@@ -86,3 +86,41 @@ def test_every_preset_launch_compiles_everywhere(tmp_path):
     """The full matrix: presets x variants x fp16/bf16 x sm_80/86/90, every batch's plan."""
     rows, log = _report(tmp_path, "--all-batches", timeout=7200)
     _check(rows, log)
+
+
+def test_register_file_overflow_is_a_failure(tmp_path):
+    """A block whose registers exceed an SM's 65536-register file cannot launch (too many
+    resources requested): 16 warps with ptxas allowed 255 registers a thread. The report
+    fails that row; the same kernel under ptxas' own cap (128 at 512 threads) only spills."""
+    code = r'''
+import sys, torch, triton, triton.language as tl
+sys.path.insert(0, "benchmarks")  # run from the repository root
+from compile_aot import compile_launch
+from compile_report import TARGETS, failure, resident_blocks
+from fusion.kernels._launch import Launch
+
+@triton.jit
+def wide(x_ptr, y_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    a = tl.load(x_ptr + offs[:, None] * N + offs[None, :]).to(tl.float32)
+    s = tl.sum(a * a, 1)
+    t = tl.sum(a, 0)
+    tl.store(y_ptr + offs[:, None] * N + offs[None, :], a / s[:, None] - t[None, :])
+
+x = torch.empty(256, 256, dtype=torch.float16)
+for cap in (255, None):
+    c = compile_launch(Launch("wide", wide, (1,), (x, x), dict(N=256), 16, 1, cap), 90)
+    print(c.regs, resident_blocks(c, TARGETS[90]), failure(c, TARGETS[90]) or "ok", sep="|")
+'''
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = tmp_path / "wide_kernel.py"  # @triton.jit needs its source in a file
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (regs, resident, verdict), (regs_capped, resident_capped, verdict_capped) = (
+        line.split("|") for line in proc.stdout.strip().splitlines())
+    # ptxas' own figure, checked by hand: registers are allocated per warp in units of 256
+    assert -(-int(regs) * 32 // 256) * 256 * 16 > 65536, proc.stdout
+    assert int(resident) == 0 and verdict.startswith("registers"), proc.stdout
+    assert int(regs_capped) <= 128 and int(resident_capped) >= 1, proc.stdout
+    assert not verdict_capped.startswith("registers"), proc.stdout
