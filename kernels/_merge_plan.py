@@ -227,6 +227,12 @@ def _resident(minimal: int, C: int, es: int, batch: int, l2: int) -> bool:
     return l2 > 0 and minimal * C * es * batch <= L2_SHARE * l2
 
 
+def _bwd_minimal(h: int, w: int, H: int, W: int, norm: bool, need_dx: bool) -> int:
+    """Positions a backward must move: the grid (LayerNorm recompute), the output gradient,
+    the grid's gradient."""
+    return (h * w if norm else 0) + H * W + (h * w if need_dx else 0)
+
+
 def _touched(rng) -> int:
     """Inputs any output reads (the union of the taps)."""
     return len({j for lo, hi in rng for j in range(lo, hi)})
@@ -301,7 +307,7 @@ def _bwd_candidates(h: int, w: int, H: int, W: int, C: int, mode: str, norm: boo
         raise _too_wide(C)
     cols, rows = tap_ranges(w, W, mode), tap_ranges(h, H, mode)
     n_ct = channel_parts(C, norm)[3]
-    minimal = (h * w if norm else 0) + H * W + (h * w if need_dx else 0)
+    minimal = _bwd_minimal(h, w, H, W, norm, need_dx)
     has_w = n_vec >= 2  # n_vec = 2 * has_w + has_b
     once = (_touched(rows) * _touched(cols) if norm else 0) + H * W + (h * w if need_dx else 0) + has_w * 4 / es
     band_rows = []
@@ -331,8 +337,7 @@ def bwd_plan(h: int, w: int, H: int, W: int, C: int, mode: str, norm: bool, need
     LayerNorm weight, its gradient's and the bias gradient's partial sums present; ``l2``:
     as in :func:`fwd_plan`."""
     cands = _bwd_candidates(h, w, H, W, C, mode, norm, need_dx, n_vec, es)
-    minimal = (h * w if norm else 0) + H * W + (h * w if need_dx else 0)
-    resident = _resident(minimal, C, es, batch, l2)
+    resident = _resident(_bwd_minimal(h, w, H, W, norm, need_dx), C, es, batch, l2)
     _, ratio, _, (s, k) = _pick([c._replace(programs=c.programs * batch) for c in cands], max(1, sms), resident)
     segs = _segments(W, s)
     first, emit, m = _colours(w, W, mode, s)
