@@ -20,22 +20,27 @@ interpreter, CPU tests and compile report see the same launches):
   row, cached input row, input row being resampled; 4 with two cached rows), the
   backward 3 with a LayerNorm (cached row, recomputed row, gradient) plus 1 when it writes
   the input gradient (the pending input row) and 2 more with two slots; without a
-  LayerNorm 3 / 1-2. A non-power-of-two LayerNorm backward that writes the input gradient
-  and a weight gradient counts one tile more: Triton converts whole tiles between the two
-  channel parts' register layouts there (measured: ``benchmarks/compile_report.py``).
-  Measured (trainable backward, 8 warps, 255-register cap, fp16/bf16, sm_90/86/80): one
-  1024-channel part at ``R = 8`` takes 232-248 registers, no spill; SigLIP's 1152 =
-  1024 + 128 at ``R = 8`` takes 255 and spills 232-312 B/thread (its ``[8, 128]`` part
-  puts warps along ``R``, and Triton converts the ``[8, 1024]`` tiles into that layout
-  for the LayerNorm backward, through shared memory; at 16 warps it takes 239-247
-  registers x 512 threads, more than an SM's register file), so that shape keeps
-  ``R = 4`` (233-245 registers, no spill) and its trainable backward moves 1.14x.
+  LayerNorm 3 / 1-2. A non-power-of-two ``C`` holds its rest flat (see
+  :mod:`._resample_jit`): kept as an ``[R, 128]`` tile, the rest put warps along ``R`` and
+  Triton converted the ``[R, 1024]`` tiles into that layout for the LayerNorm backward,
+  through shared memory; SigLIP's trainable backward (1152 channels) then spilled
+  232-312 B/thread at ``R = 8`` and had to keep ``R = 4``, whose segments of 4 cut 27 -> 24
+  windows (1.14x the minimal bytes).
+  Measured (trainable backward, 8 warps, 255-register cap, fp16/bf16, sm_90/86/80,
+  ``benchmarks/compile_report.py``): 1024 channels at ``R = 8`` take 223-239 registers,
+  1152 = 1024 + 128 at ``R = 8`` 254-255, no spill in either. That 1152-channel launch is
+  at the edge of the register file, and three choices keep it there: int32 offsets within
+  a batch item (``IDX64`` when an item reaches 2**31 elements), column weights as
+  ``R`` consecutive floats of a per-segment table (no per-position offset vector), and
+  part-1 channel runs of :attr:`Tile.contig` (all positions of a channel in one thread).
+  More warps do not help: at 16 warps ptxas took 239-247 registers x 512 threads, more
+  than an SM's register file.
   The ``tl.dot`` path counts two tiles more (its ``[16, BC]`` input tile and the copies
   of the product in the mma layout).
   ``R`` is the largest power of two within the budget, so registers do not grow with
   ``C``: a wider grid gets fewer positions per program. LayerNorm grids fit up to
-  ``MAX_NORM_CHANNELS = 5120`` channels (4096 for a bilinear enlargement whose grid needs
-  a gradient: two more tiles); :func:`fits` says which, and the PyTorch path takes the
+  ``MAX_NORM_CHANNELS = 5120`` channels (4352 = 4096 + 256 for a bilinear enlargement whose
+  grid needs a gradient: two more tiles); :func:`fits` says which, and the PyTorch path takes the
   others.
 - Warps: 8 from 1024 values a tile (ptxas spilled a few bytes of 4-warp tiles of 1024
   values and more, with registers to spare), else 4.
@@ -123,12 +128,27 @@ class Tile:
         """Columns per ``tl.dot`` step (and per vectorised zero fill)."""
         return DOT_MIN
 
+    @property
+    def contig(self) -> int:
+        """Channels a thread loads at once in part 1 when there is a rest (0: Triton's choice).
+        At most ``BC1 / threads``, all ``R`` positions of a channel stay in one thread, the
+        layout the flat rest matches; Triton's 16-byte fp16 loads would put two of 8 warps
+        along ``R`` of a 1024-channel part. Half of that bound: at ``BC1 / threads`` ptxas
+        spilled 8 B/thread of SigLIP's trainable ``R = 8`` backward on sm_90 (fp16), at half
+        nothing on sm_80/86/90 (a warp still loads 128 contiguous bytes a row)."""
+        return max(1, self.BC1 // (64 * self.warps)) if self.has_rest else 0
+
 
 @dataclass(frozen=True)
 class FwdPlan:
     tile: Tile
     progs: Tuple[Tuple[int, int, int, int], ...]  # (x0, x1, y0, y1): output columns and rows
     ratio: float                                  # bytes moved / minimal bytes
+
+    @property
+    def seg(self) -> int:
+        """Output columns a segment spans (every ``x0`` is a multiple; the last may be short)."""
+        return self.progs[0][1] - self.progs[0][0]
 
 
 @dataclass(frozen=True)
@@ -140,6 +160,11 @@ class BwdPlan:
     first: Tuple[int, ...]   # per input column: the colour that writes it first
     n_slots: int
     ratio: float
+
+    @property
+    def seg(self) -> int:
+        """Output columns a segment spans (every ``x0`` is a multiple; the last may be short)."""
+        return self.launches[0][0][1] - self.launches[0][0][0]
 
 
 def channel_parts(C: int, norm: bool) -> Tuple[int, int, bool, int]:
@@ -160,7 +185,7 @@ def max_positions(C: int, norm: bool, direction: str, two: bool, need_dx: bool, 
     (0: too wide)."""
     bc1, bc2, rest, _ = channel_parts(C, norm)
     ceff = bc1 + (bc2 if rest else 0)
-    tiles = _tiles(direction, norm, two, need_dx) + (1 if rest and direction == "bwd" and need_dx and n_vec > 1 else 0)
+    tiles = _tiles(direction, norm, two, need_dx)
     room = REG_BUDGET // ceff - n_vec
     r = pow2_floor(room // tiles) if room >= tiles else 0
     if r >= DOT_MIN:  # the tl.dot path also holds its [16, BC] input tile and mma-layout copies

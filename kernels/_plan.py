@@ -71,20 +71,23 @@ def axis_tables(n_in: int, n_out: int, mode: str, device) -> Tuple[torch.Tensor,
     return _TABLES[key]
 
 
-def dense_table(n_in: int, n_out: int, mode: str, device) -> torch.Tensor:
-    """fp32 ``[n_out + 1, n_in]``: the resampling matrix of one axis (row ``i`` = output ``i``'s
-    weights) and a last row of zeros.
+def segment_table(n_in: int, n_out: int, mode: str, seg: int, R: int, device) -> torch.Tensor:
+    """fp32 ``[n_in, n_seg * R]``: the resampling matrix of one axis, transposed and cut into
+    the launch's segments of ``seg`` output positions (``n_seg = ceil(n_out / seg)``).
 
-    The FMA path of ``grid_merge`` loads column ``j`` of it for its ``R`` positions instead
-    of keeping four tap vectors per position in registers; positions a program does not
-    own read the zero row, so no mask is kept either.
+    Entry ``[j, k * R + p]`` is the weight of input ``j`` in output ``k * seg + p`` when the
+    segment owns that output (``p < seg``, ``k * seg + p < n_out``), else 0. The FMA path of
+    ``grid_merge`` loads column ``j``'s weights for its ``R`` positions as ``R``
+    consecutive floats: no per-position offsets or masks in registers.
     """
-    key = ("dense", n_in, n_out, mode, str(device))
+    key = ("segments", n_in, n_out, mode, seg, R, str(device))
     if key not in _TABLES:
-        m = torch.zeros(n_out + 1, n_in, dtype=torch.float32)
+        n_seg = -(-n_out // seg)
+        m = torch.zeros(n_in, n_seg * R, dtype=torch.float32)
         for i, taps in enumerate(_matrix_rows(n_in, n_out, mode)):
+            k, p = divmod(i, seg)
             for j, wt in taps:
-                m[i, j] += wt
+                m[j, k * R + p] += wt
         _TABLES[key] = m.to(device)
     return _TABLES[key]
 

@@ -35,8 +35,8 @@ from . import _validate as V
 from ._canonical import require_canonical
 from ._launch import Launch, run_all
 from ._merge_plan import MAX_NORM_CHANNELS, MAXNREG, NUM_STAGES, bwd_plan, fits, fwd_plan
-from ._plan import (axis_tables, dense_table, dot_precision, int_table, l2_bytes, out_slices as _out_slices,
-                    sm_count, two_slots)
+from ._plan import (axis_tables, dot_precision, int_table, l2_bytes, out_slices as _out_slices,
+                    segment_table, sm_count, two_slots)
 from ._grid_merge_jit import _grid_merge_bwd_kernel, _grid_merge_fwd_kernel
 from .reference import grid_merge_reference
 
@@ -49,6 +49,12 @@ require_canonical(__name__)  # registering the fusion:: ops twice frees them und
 
 def _param(p: Optional[Tensor], like: Tensor) -> Tensor:
     return like if p is None else p.contiguous()
+
+
+def _needs_int64(*ts: Tensor) -> bool:
+    """Whether an offset within one batch item (dims after the first) can reach 2**31: the
+    kernels then index in int64 (``IDX64``), else in int32 (fewer registers)."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31 for t in ts)
 
 
 def _devices_sms(dev: torch.device, sms: Optional[int]) -> int:
@@ -89,10 +95,10 @@ def forward_launches(grids: Sequence[Tensor], weights: Sequence[Optional[Tensor]
         launches.append(Launch(
             "grid_merge.fwd", _grid_merge_fwd_kernel, (len(pl.progs) * t.n_ct, B),
             (x, o, _param(wt, x), _param(bs, x), r_idx, r_wt, c_idx, c_wt, int_table(pl.progs, dev),
-             dense_table(w, W, mode, dev), W, w, C, t.n_ct, eps, *x.stride(), *o.stride()),
+             segment_table(w, W, mode, pl.seg, t.R, dev), W, pl.seg, C, t.n_ct, eps, *x.stride(), *o.stride()),
             dict(NORM=bool(norm), HAS_W=bool(norm) and wt is not None, HAS_B=bool(norm) and bs is not None,
                  TWO_SLOTS=two_slots(h, H, mode), R=t.R, BC1=t.BC1, BC2=t.BC2, HAS_REST=t.has_rest,
-                 USE_DOT=t.use_dot, BJ=t.BJ, PREC=dot_precision(dtype)),
+                 USE_DOT=t.use_dot, BJ=t.BJ, PREC=dot_precision(dtype), CONTIG=t.contig, IDX64=_needs_int64(x, o)),
             t.warps, NUM_STAGES, MAXNREG))
     return out, launches
 
@@ -142,10 +148,11 @@ def backward_launches(grad: Tensor, grids: Sequence[Tensor], weights: Sequence[O
             launches.append(Launch(
                 "grid_merge.bwd", _grid_merge_bwd_kernel, (len(progs) * t.n_ct, B),
                 (x, g, dx, _param(weights[i], x), dwp, dbp, r_idx, r_wt, c_idx, c_wt, int_table(progs, dev), first,
-                 dense_table(w, W, mode, dev), H, W, w, C, t.n_ct, pl.n_slots, colour, eps, *x.stride(), *g.stride(), *dx.stride()),
+                 segment_table(w, W, mode, pl.seg, t.R, dev), H, W, pl.seg, C, t.n_ct, pl.n_slots, colour, eps,
+                 *x.stride(), *g.stride(), *dx.stride()),
                 dict(NORM=norm, HAS_W=has_w, HAS_B=has_b, NEED_DX=bool(need_dx[i]), TWO_SLOTS=two_slots(h, H, mode),
                      R=t.R, BC1=t.BC1, BC2=t.BC2, HAS_REST=t.has_rest, USE_DOT=t.use_dot, BJ=t.BJ,
-                     PREC=dot_precision(x.dtype)),
+                     PREC=dot_precision(x.dtype), CONTIG=t.contig, IDX64=_needs_int64(x, g, dx)),
                 t.warps, NUM_STAGES, MAXNREG))
     return dxs, dwps, dbps, launches
 

@@ -183,6 +183,31 @@ def test_fma_path_low_precision(dtype, most_programs):
     check_merge([(11, 11, 40)], 7, "area", dtype, 1, "affine", "nchw")
 
 
+@pytest.mark.parametrize("h,H", [(9, 8), (9, 6)])
+def test_siglip_width_launch_low_precision(h, H):
+    """SigLIP's 1152 = 1024 + 128 channels with a trainable encoder, in the launch a GPU
+    gets: 8 positions a program on the FMA path, the rest held flat, part-1 channel runs
+    (``Tile.contig``), the per-segment weight table; 9 -> 8 is 27 -> 24's window pattern,
+    9 -> 6 leaves two of the 8 positions to the table's zeros. bf16 against fp64."""
+    MP = sys.modules["fusion.kernels._merge_plan"]
+    for pl in (MP.fwd_plan(h, h, H, H, 1152, "area", True, 1, 0, 2, 2),
+               MP.bwd_plan(h, h, H, H, 1152, "area", True, True, 1, 0, 3, 2)):
+        assert (pl.tile.R, pl.tile.has_rest, pl.tile.use_dot, pl.seg) == (8, True, False, H), pl.tile
+    assert MP.bwd_plan(h, h, H, H, 1152, "area", True, True, 1, 0, 3, 2).tile.contig == 2
+    check_merge([(h, h, 1152)], H, "area", torch.bfloat16, 1, "affine", "nchw")
+
+
+def test_int64_offsets_for_items_past_int32(monkeypatch):
+    """Offsets within a batch item are int32 unless an item spans 2**31 elements or more
+    (``IDX64``): the rule on shapes and strides alone (meta tensors), and the int64 kernels
+    give the same results."""
+    big = torch.empty(0, device="meta").as_strided((2, 3, 3, 8), (0, 2 ** 30, 8, 1))
+    small = torch.empty(0, device="meta").as_strided((2, 3, 3, 8), (2 ** 40, 24, 8, 1))
+    assert GM._needs_int64(big) and not GM._needs_int64(small)  # the batch stride never counts
+    monkeypatch.setattr(GM, "_needs_int64", lambda *ts: True)
+    check_merge([(9, 9, 40)], 8, "area", torch.float32, 2, "affine", "nchw")
+
+
 def test_layernorm_wider_than_the_kernel_is_refused_by_name():
     """Past MAX_NORM_CHANNELS a LayerNorm grid does not fit the register budget: the Triton
     backend says so, naming the grid and the limit; the PyTorch path takes it."""
@@ -195,12 +220,13 @@ def test_layernorm_wider_than_the_kernel_is_refused_by_name():
     want = torch.nn.functional.layer_norm(x.detach().mean((1, 2)), (C,), torch.ones(C))
     assert_close(grid_merge([x], 1, norms=norms, backend="torch")[:, 0], want, 1e-5, "torch path")
     # the limit is real: every variant of an area merge holds MAX_NORM_CHANNELS, bilinear
-    # enlargement with a trainable encoder 4096 (two cached rows, two pending rows)
+    # enlargement with a trainable encoder 4352 = 4096 + 256 (two cached rows, two pending
+    # rows; 4353 channels take a 512-channel rest)
     for need_dx in (False, True):
         assert MP.fits(24, 7, MP.MAX_NORM_CHANNELS, "area", True, need_dx, 2, 3)
     assert not MP.fits(24, 7, MP.MAX_NORM_CHANNELS + 1, "area", True, True, 2, 3)
-    assert MP.fits(7, 24, 4096, "bilinear", True, True, 2, 3)
-    assert not MP.fits(7, 24, 4097, "bilinear", True, True, 2, 3)
+    assert MP.fits(7, 24, 4352, "bilinear", True, True, 2, 3)
+    assert not MP.fits(7, 24, 4353, "bilinear", True, True, 2, 3)
 
 
 def test_backward_is_deterministic():
