@@ -8,7 +8,7 @@ Loads are cast to fp32 before any arithmetic (the interpreter's bf16 math needs 
 sums run in fp32 anyway). Offsets within one batch item are int32 unless ``IDX64`` (an
 item of 2**31 elements or more); the batch item's base pointer is always 64-bit.
 """
-from ._resample_jit import (layer_norm_backward, layer_norm_stats, output_row, push_rows, rest_index,
+from ._resample_jit import (item_offset, layer_norm_backward, layer_norm_stats, output_row, push_rows, rest_index,
                             rest_of_channels, rest_of_rows, rest_position_sums, segment, zero_row)
 from ._triton import tl, triton
 
@@ -40,14 +40,9 @@ def _grid_merge_fwd_kernel(
         v2 = rest_of_channels(tl.load(b_ptr + c2, mask=m2, other=0.0).to(tl.float32), R, BC2)
     x_b = x_ptr + b * sxb
     o_b = out_ptr + b * sob
-    if IDX64:  # int64 index math within the item (also: no interpreter overflow checks)
-        sxh64 = b * 0 + sxh
-        sxw64 = b * 0 + sxw
-        W64 = b * 0 + W
-    else:
-        sxh64 = sxh
-        sxw64 = sxw
-        W64 = W
+    sxh64 = item_offset(b, sxh, IDX64)
+    sxw64 = item_offset(b, sxw, IDX64)
+    W64 = item_offset(b, W, IDX64)
     oc1 = c1 * sxc
     oc2 = c2 * sxc
     o1 = o_b + (c1 * soc)[None, :]
@@ -116,18 +111,11 @@ def _grid_merge_bwd_kernel(
     x_b = x_ptr + b * sxb
     g_b = g_ptr + b * sgb
     dx_b = dx_ptr + b * sdb
-    if IDX64:  # int64 index math within the item (also: no interpreter overflow checks)
-        sxh64 = b * 0 + sxh
-        sxw64 = b * 0 + sxw
-        sdh64 = b * 0 + sdh
-        sdw64 = b * 0 + sdw
-        W64 = b * 0 + W
-    else:  # int32: the 1152-channel R = 8 backward spills with 64-bit copies of these
-        sxh64 = sxh
-        sxw64 = sxw
-        sdh64 = sdh
-        sdw64 = sdw
-        W64 = W
+    sxh64 = item_offset(b, sxh, IDX64)
+    sxw64 = item_offset(b, sxw, IDX64)
+    sdh64 = item_offset(b, sdh, IDX64)
+    sdw64 = item_offset(b, sdw, IDX64)
+    W64 = item_offset(b, W, IDX64)
     oc1 = c1 * sxc
     oc2 = c2 * sxc
     gc1 = (c1 * sgc)[None, :]

@@ -26,6 +26,18 @@ from ._triton import sum_combine as _sum, tl, triton
 
 
 @triton.jit
+def item_offset(b, v, IDX64: tl.constexpr):
+    """``v`` (a stride or extent) typed for offsets within one batch item: int64 with ``IDX64``
+    (``b``, the batch index, is int64; also: no interpreter overflow checks), else int32 as
+    given. int32 saves registers: SigLIP's 1152-channel ``R = 8`` backward spills with
+    64-bit copies of its five."""
+    out = v
+    if IDX64:
+        out = b * 0 + v
+    return out
+
+
+@triton.jit
 def load_taps(idx_ptr, wt_ptr, offs, mask):
     """Per-output tap tables for indices ``offs``: ``(lo, hi, w_first, w_last)``."""
     lo = tl.load(idx_ptr + 2 * offs, mask=mask, other=0)
