@@ -57,8 +57,7 @@ def segment(cols_idx_ptr, cols_wt_ptr, seg_ptr, x0, x1, W, S, ct, C, R: tl.const
 
     ``CONTIG > 0`` tells Triton that part 1's channels are contiguous in runs of ``CONTIG``
     only: loads of ``CONTIG`` elements a thread, which keeps all ``R`` positions of a
-    channel in one thread (``CONTIG = BC1 / threads``; with 16-byte loads of fp16 a 1024-
-    channel part would put two of the 8 warps along ``R``)."""
+    channel in one thread (the rule and its measurements: ``_merge_plan.Tile.contig``)."""
     offs_x = x0 + tl.arange(0, R)
     xmask = offs_x < x1
     if USE_DOT:
@@ -137,6 +136,7 @@ def width_row(row_ptr, sxw64, oc1, m1, oc2, m2, jlo, jhi, c_lo, c_hi, c_wf, c_wl
     t1 = tl.full((R, BC1), 0.0, tl.float32)
     t2 = tl.full((BC2 * R,), 0.0, tl.float32)
     if USE_DOT:
+        d2 = tl.full((R, BC2), 0.0, tl.float32)  # the rest as a product tile, flattened once
         for j0 in range(jlo, jhi, BJ):
             offs_j = j0 + tl.arange(0, BJ)
             wgt = col_weights(offs_j[None, :], c_lo, c_hi, c_wf, c_wl)
@@ -146,7 +146,9 @@ def width_row(row_ptr, sxw64, oc1, m1, oc2, m2, jlo, jhi, c_lo, c_hi, c_wf, c_wl
             t1 = tl.dot(wgt, tile, t1, input_precision=PREC)
             if HAS_REST:
                 tile = tl.load(cols + oc2[None, :], mask=jm & m2[None, :], other=0.0).to(tl.float32)
-                t2 += tl.reshape(tl.trans(tl.dot(wgt, tile, input_precision=PREC)), (BC2 * R,))
+                d2 = tl.dot(wgt, tile, d2, input_precision=PREC)
+        if HAS_REST:
+            t2 = tl.reshape(tl.trans(d2), (BC2 * R,))
     else:
         col = row_ptr + jlo * sxw64
         for j in range(jlo, jhi):
@@ -241,6 +243,7 @@ def emit_row(dx_row, sdw64, dc1, m1, dc2, m2, t1, t2, e0, e1, first_ptr, colour,
     stores it; a later colour adds what the earlier one stored (shared columns).
     ``USE_DOT``: ``BJ`` columns at a time as ``[BJ, R] @ [R, BC]``; else column by column."""
     if USE_DOT:
+        r2 = tl.trans(tl.reshape(t2, (BC2, R)))  # the flat rest as an [R, BC2] operand, once
         for j0 in range(e0, e1, BJ):
             offs_j = j0 + tl.arange(0, BJ)
             jm = offs_j < e1
@@ -253,7 +256,7 @@ def emit_row(dx_row, sdw64, dc1, m1, dc2, m2, t1, t2, e0, e1, first_ptr, colour,
             tl.store(cols + dc1[None, :], d1.to(dx_row.dtype.element_ty), mask=mask)
             if HAS_REST:
                 mask = jm[:, None] & m2[None, :]
-                d2 = tl.dot(wt, tl.trans(tl.reshape(t2, (BC2, R))), input_precision=PREC)
+                d2 = tl.dot(wt, r2, input_precision=PREC)
                 d2 += tl.load(cols + dc2[None, :], mask=mask & later, other=0.0).to(tl.float32)
                 tl.store(cols + dc2[None, :], d2.to(dx_row.dtype.element_ty), mask=mask)
     else:
